@@ -1,0 +1,11 @@
+"""`etrm data …` (issue 2 builds this out)."""
+
+import typer
+
+app = typer.Typer(help="Build, inspect and verify datasets.", no_args_is_help=True)
+
+
+@app.command("info")
+def info_command(path: str) -> None:
+    """Show a dataset's manifest (placeholder until the dataset builder lands)."""
+    raise typer.Exit(1)

@@ -1,0 +1,78 @@
+"""The one place that picks Triton kernels or the torch reference for each fused op.
+
+`ETRM_KERNELS=auto|triton|torch` (default auto): auto uses Triton for CUDA tensors
+when Triton imports, and the torch reference everywhere else. The model code calls
+only the functions below.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+from etrm.errors import EtrmError
+from etrm.kernels import reference
+
+_MODES = ("auto", "triton", "torch")
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get("ETRM_KERNELS", "auto").strip().lower()
+    if mode not in _MODES:
+        raise EtrmError(f"ETRM_KERNELS={mode!r} is not one of {', '.join(_MODES)}")
+    return mode
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        importlib.import_module("triton")
+    except Exception:
+        return False
+    return True
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    mode = kernel_mode()
+    if mode == "torch":
+        return False
+    if mode == "triton":
+        if not triton_available():
+            raise EtrmError("ETRM_KERNELS=triton but triton does not import")
+        return True
+    return t.is_cuda and triton_available()
+
+
+def _triton(name: str):
+    return getattr(importlib.import_module("etrm.kernels.triton_ops"), name)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, eps: float) -> torch.Tensor:
+    if use_triton(x):
+        return _triton("add_rms_norm")(x, residual, eps)
+    return reference.add_rms_norm(x, residual, eps)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if use_triton(gate):
+        return _triton("swiglu")(gate, up)
+    return reference.swiglu(gate, up)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if use_triton(x):
+        return _triton("apply_rotary")(x, cos, sin)
+    return reference.apply_rotary(x, cos, sin)
+
+
+def cross_attention(q, k, v, key_mask=None):
+    if use_triton(q):
+        return _triton("cross_attention")(q, k, v, key_mask)
+    return reference.cross_attention(q, k, v, key_mask)
+
+
+def self_attention(q, k, v, attn_mask=None):
+    return reference.self_attention(q, k, v, attn_mask)
