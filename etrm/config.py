@@ -1,13 +1,21 @@
-"""Typed run configuration: data, arch, train, logging.
+"""Typed run configuration: data, arch, train, logging; presets and dotted overrides.
 
-Presets, dotted overrides (`--set arch.hidden_size=64`) and the resolved
-copy saved in each run folder are built on these dataclasses (etrm/train owns
-the preset table; every other package only reads these fields).
+Every experiment of the design is a named preset (`get_preset("SF2")`), adjusted
+with dotted overrides (`apply_overrides(cfg, ["arch.hidden_size=64"])`); the
+resolved copy saved in each run folder loads back with `load_config`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from etrm.errors import EtrmError
 
 ENCODER_TYPES = ("standard", "hybrid_standard", "hybrid_variational", "lpn_var", "puzzle_embedding")
 
@@ -15,6 +23,7 @@ ENCODER_TYPES = ("standard", "hybrid_standard", "hybrid_variational", "lpn_var",
 @dataclass
 class DataConfig:
     path: str = "data/arc-agi-1"  # a folder written by `etrm data build`
+    max_train_groups: int = 0  # train on the first N puzzle groups only (0 = all; overfit presets)
     max_demos: int = 10  # demo slots per episode (extra demos dropped, missing ones masked)
     translate: bool = False  # TRM's random-offset augmentation on the training side
     num_aug_train: int = 0  # augmentations drawn from in training (0 = all stored)
@@ -57,6 +66,7 @@ class ArchConfig:
 class TrainConfig:
     epochs: int = 1000
     max_steps: int = 0  # stop after N optimizer steps (0 = no limit)
+    max_minutes: float = 0.0  # stop (and checkpoint) after this wall-clock time (0 = no limit)
     global_batch_size: int = 128
     optimizer: str = "adam_atan2"  # adam_atan2 | adamw
     lr: float = 1e-4
@@ -94,3 +104,343 @@ class RunConfig:
     arch: ArchConfig = field(default_factory=ArchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+SECTIONS = ("data", "arch", "train", "logging")
+OPTIMIZERS = ("adam_atan2", "adamw")
+WANDB_MODES = ("online", "offline", "disabled")
+SIZES = ("full", "cpu-smoke")
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def _field_types() -> dict[str, str]:
+    """Every settable dotted key → its annotated type name ("int", "float", "bool", "str")."""
+    owners = {"data": DataConfig, "arch": ArchConfig, "train": TrainConfig, "logging": LoggingConfig}
+    return {f"{sec}.{f.name}": f.type for sec, cls in owners.items() for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, where: str) -> EtrmError:
+    close = difflib.get_close_matches(key, list(_field_types()), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return EtrmError(f"{where}: unknown config key {key!r}{hint}")
+
+
+def _coerce(key: str, type_name: str, value: Any, where: str) -> Any:
+    """Convert text from --set (or a JSON value) to the field's type, or say exactly what is wrong."""
+    wrong = EtrmError(f"{where}: {key} must be {type_name}, got {value!r}")
+    if type_name == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise wrong
+    if type_name == "int":
+        if isinstance(value, bool):
+            raise wrong
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                raise wrong from None
+        raise wrong
+    if type_name == "float":
+        if isinstance(value, bool):
+            raise wrong
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise wrong from None
+        raise wrong
+    if isinstance(value, str):
+        return value
+    raise wrong
+
+
+def _set(cfg: RunConfig, key: str, value: Any, where: str) -> None:
+    types = _field_types()
+    if key not in types:
+        raise _unknown_key(key, where)
+    section, name = key.split(".", 1)
+    setattr(getattr(cfg, section), name, _coerce(key, types[key], value, where))
+
+
+def apply_overrides(cfg: RunConfig, overrides: Iterable[str]) -> RunConfig:
+    """Apply `section.key=value` strings to a copy of `cfg`, then validate the result."""
+    cfg = dataclasses.replace(cfg, **{sec: dataclasses.replace(getattr(cfg, sec)) for sec in SECTIONS})
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise EtrmError(f"--set {item!r}: expected KEY=VALUE, e.g. arch.hidden_size=64")
+        _set(cfg, key.strip(), value.strip(), f"--set {item}")
+    validate_config(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], where: str, base: RunConfig | None = None) -> RunConfig:
+    """Nested {section: {key: value}} → RunConfig; keys not given keep `base`'s (or default) values."""
+    cfg = apply_overrides(base or RunConfig(), [])
+    if not isinstance(data, dict):
+        raise EtrmError(f"{where}: expected a JSON object with sections {', '.join(SECTIONS)}")
+    for section, values in data.items():
+        if section not in SECTIONS or not isinstance(values, dict):
+            raise _unknown_key(str(section), where)
+        for name, value in values.items():
+            _set(cfg, f"{section}.{name}", value, where)
+    validate_config(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, base: RunConfig | None = None) -> RunConfig:
+    """Read a config JSON (a run folder's config.json, or a partial one laid over `base`)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EtrmError(f"config file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EtrmError(f"config file {path} is not valid JSON: {e}") from None
+    return config_from_dict(data, str(path), base)
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """Reject values that no component could run with, naming the key."""
+    a, t = cfg.arch, cfg.train
+    checks = [
+        (a.encoder_type in ENCODER_TYPES, "arch.encoder_type", f"one of {', '.join(ENCODER_TYPES)}"),
+        (t.optimizer in OPTIMIZERS, "train.optimizer", f"one of {', '.join(OPTIMIZERS)}"),
+        (cfg.logging.wandb in WANDB_MODES, "logging.wandb", f"one of {', '.join(WANDB_MODES)}"),
+        (1 <= a.context_len <= a.puzzle_emb_len, "arch.context_len", f"between 1 and {a.puzzle_emb_len}"),
+        (a.hidden_size > 0 and a.num_heads > 0, "arch.hidden_size", "positive"),
+        (a.hidden_size % a.num_heads == 0, "arch.num_heads", f"a divisor of hidden_size {a.hidden_size}"),
+        (a.halt_max_steps >= 1, "arch.halt_max_steps", "at least 1"),
+        (t.global_batch_size >= 1, "train.global_batch_size", "at least 1"),
+        (t.lr > 0, "train.lr", "positive"),
+        (0.0 <= t.lr_min_ratio <= 1.0, "train.lr_min_ratio", "between 0 and 1"),
+        (0.0 <= t.ema_rate < 1.0, "train.ema_rate", "in [0, 1)"),
+        (t.spike_factor > 1.0 or t.spike_factor == 0, "train.spike_factor", "above 1 (or 0 to disable)"),
+        (t.epochs >= 1, "train.epochs", "at least 1"),
+        (t.eval_interval >= 0, "train.eval_interval", "0 (off) or a number of epochs"),
+        (t.keep_checkpoints >= 1, "train.keep_checkpoints", "at least 1"),
+        (cfg.logging.log_interval >= 1, "logging.log_interval", "at least 1"),
+    ]
+    for ok, key, expected in checks:
+        if not ok:
+            section, name = key.split(".")
+            raise EtrmError(f"{key} must be {expected}, got {getattr(getattr(cfg, section), name)!r}")
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+@dataclass(frozen=True)
+class PresetInfo:
+    name: str
+    description: str
+    phase: str  # overfit | semi-final | final | baseline | smoke
+    build: Callable[[], RunConfig]
+
+
+# The ARC-size TRM decoder (hidden 512, 8 heads, 2 layers, H3 × L4): every full-size preset uses it.
+_ARC_DECODER = [
+    "arch.hidden_size=512",
+    "arch.num_heads=8",
+    "arch.expansion=4",
+    "arch.L_layers=2",
+    "arch.H_cycles=3",
+    "arch.L_cycles=4",
+    "arch.halt_max_steps=16",
+    "arch.context_len=16",
+]
+
+# Shrinks any preset to a size that runs a few steps per second on one CPU, keeping its encoder
+# type, exploration, KL weight and re-encoding; `get_preset(name, size="cpu-smoke")` applies it.
+CPU_SMOKE_SIZE = [
+    "arch.hidden_size=32",
+    "arch.num_heads=2",
+    "arch.expansion=2",
+    "arch.H_cycles=2",
+    "arch.L_cycles=1",
+    "arch.halt_max_steps=3",
+    "arch.encoder_num_layers=1",
+    "data.max_demos=3",
+    "train.global_batch_size=4",
+    "train.lr=1e-3",
+    "train.lr_warmup_steps=2",
+    "train.epochs=2",
+    "train.eval_interval=1",
+    "train.eval_num_aug=1",
+    "logging.log_interval=1",
+]
+
+
+def _overfit(encoder: str, layers: int, explore: float, kl: float = 0.0) -> Callable[[], RunConfig]:
+    return lambda: apply_overrides(
+        RunConfig(),
+        [
+            *_ARC_DECODER,
+            f"arch.encoder_type={encoder}",
+            f"arch.encoder_num_layers={layers}",
+            f"arch.halt_exploration_prob={explore}",
+            f"arch.kl_weight={kl}",
+            "data.max_train_groups=32",
+            "train.global_batch_size=64",
+            "train.epochs=3000",
+            "train.eval_interval=500",
+            "train.lr_warmup_steps=200",
+        ],
+    )
+
+
+def _semi_final(
+    encoder: str, layers: int, explore: float, batch: int, kl: float = 0.0
+) -> Callable[[], RunConfig]:
+    return lambda: apply_overrides(
+        RunConfig(),
+        [
+            *_ARC_DECODER,
+            f"arch.encoder_type={encoder}",
+            f"arch.encoder_num_layers={layers}",
+            f"arch.halt_exploration_prob={explore}",
+            f"arch.kl_weight={kl}",
+            "arch.encoder_reencode=true",
+            f"train.global_batch_size={batch}",
+            "train.lr=1e-4",
+            "train.grad_clip=1.0",
+            "train.epochs=1000",
+            "train.eval_interval=200",
+            "train.lr_warmup_steps=500",
+        ],
+    )
+
+
+def _final() -> RunConfig:
+    return apply_overrides(
+        _semi_final("hybrid_standard", 4, 0.5, 128)(),
+        ["train.epochs=50000", "train.eval_interval=5000", "train.checkpoint_interval=5000"],
+    )
+
+
+def _trm_baseline() -> RunConfig:
+    """TRM's own ARC recipe (puzzle-id table, sign-SGD embedding at lr 1e-2, no clipping) on a `--split trm` set."""
+    return apply_overrides(
+        RunConfig(),
+        [
+            *_ARC_DECODER,
+            "arch.encoder_type=puzzle_embedding",
+            "arch.halt_exploration_prob=0.1",
+            "data.path=data/arc-agi-1-trm",
+            "train.global_batch_size=768",
+            "train.epochs=100000",
+            "train.eval_interval=10000",
+            "train.lr=1e-4",
+            "train.lr_warmup_steps=2000",
+            "train.puzzle_emb_lr=1e-2",
+            "train.weight_decay=0.1",
+            "train.puzzle_emb_weight_decay=0.1",
+            "train.grad_clip=0",
+        ],
+    )
+
+
+def _cpu_smoke() -> RunConfig:
+    return apply_overrides(_semi_final("hybrid_standard", 4, 0.5, 128)(), CPU_SMOKE_SIZE)
+
+
+PRESETS: dict[str, PresetInfo] = {
+    p.name: p
+    for p in [
+        PresetInfo(
+            "E1a", "overfit 32 groups: standard encoder, explore 0.5", "overfit", _overfit("standard", 2, 0.5)
+        ),
+        PresetInfo(
+            "E1b", "overfit 32 groups: standard encoder, explore 0.3", "overfit", _overfit("standard", 2, 0.3)
+        ),
+        PresetInfo(
+            "E1d", "overfit 32 groups: standard encoder, explore 0.7", "overfit", _overfit("standard", 2, 0.7)
+        ),
+        PresetInfo(
+            "E2a",
+            "overfit 32 groups: hybrid variational encoder",
+            "overfit",
+            _overfit("hybrid_variational", 4, 0.5, kl=1e-4),
+        ),
+        PresetInfo(
+            "E2b",
+            "overfit 32 groups: LPN variational encoder",
+            "overfit",
+            _overfit("lpn_var", 6, 0.5, kl=1e-4),
+        ),
+        PresetInfo(
+            "E2c",
+            "overfit 32 groups: hybrid standard encoder",
+            "overfit",
+            _overfit("hybrid_standard", 4, 0.5),
+        ),
+        PresetInfo(
+            "SF1",
+            "semi-final: hybrid standard, explore 0.5",
+            "semi-final",
+            _semi_final("hybrid_standard", 4, 0.5, 128),
+        ),
+        PresetInfo(
+            "SF2",
+            "semi-final: hybrid standard, explore 0.7",
+            "semi-final",
+            _semi_final("hybrid_standard", 4, 0.7, 128),
+        ),
+        PresetInfo(
+            "SF3",
+            "semi-final: hybrid variational, explore 0.5",
+            "semi-final",
+            _semi_final("hybrid_variational", 4, 0.5, 128),
+        ),
+        PresetInfo(
+            "SF4",
+            "semi-final: hybrid variational, explore 0.7",
+            "semi-final",
+            _semi_final("hybrid_variational", 4, 0.7, 128),
+        ),
+        PresetInfo(
+            "SF5",
+            "semi-final: standard encoder, explore 0.5",
+            "semi-final",
+            _semi_final("standard", 2, 0.5, 256),
+        ),
+        PresetInfo(
+            "SF6",
+            "semi-final: standard encoder, explore 0.7",
+            "semi-final",
+            _semi_final("standard", 2, 0.7, 256),
+        ),
+        PresetInfo(
+            "final", "final run: 50k epochs, checkpoint every 5k (set the winning encoder)", "final", _final
+        ),
+        PresetInfo(
+            "trm", "TRM puzzle-embedding baseline (needs a --split trm dataset)", "baseline", _trm_baseline
+        ),
+        PresetInfo("cpu-smoke", "SF1 at a size that trains on one CPU in seconds", "smoke", _cpu_smoke),
+    ]
+}
+
+
+def get_preset(name: str, size: str = "full") -> RunConfig:
+    """A fresh RunConfig for preset `name`; size="cpu-smoke" shrinks it for a quick local run."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.3)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise EtrmError(f"unknown preset {name!r} (presets: {', '.join(PRESETS)}){hint}")
+    if size not in SIZES:
+        raise EtrmError(f"unknown size {size!r} (sizes: {', '.join(SIZES)})")
+    cfg = PRESETS[name].build()
+    if size == "cpu-smoke":
+        cfg = apply_overrides(cfg, CPU_SMOKE_SIZE)
+    cfg.logging.run_name = cfg.logging.run_name or name
+    return cfg

@@ -1,0 +1,87 @@
+"""Metric logging: `metrics.jsonl` in the run folder is the source of truth; W&B mirrors it.
+
+W&B is imported only when enabled and writes its files into the run folder (`RUN/wandb/`),
+offline by default so no account is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from pathlib import Path
+from typing import Any
+
+from etrm.config import RunConfig, config_to_dict
+from etrm.io import atomic_write_bytes
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _json_value(v: Any) -> Any:
+    if hasattr(v, "tolist"):
+        v = v.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep the fact readable
+    return v
+
+
+class MetricsLogger:
+    """Append one JSON object per row; on a resume, rows after the checkpoint's step are dropped first."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig, resume_step: int | None = None):
+        self.path = Path(run_dir) / METRICS_FILE
+        if resume_step is not None and self.path.exists():
+            self._truncate_after(resume_step)
+        self._file = self.path.open("a")
+        self._wandb_run = None
+        if cfg.logging.wandb != "disabled":
+            self._wandb_run = _start_wandb(Path(run_dir), cfg)
+
+    def _truncate_after(self, step: int) -> None:
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a killed process
+        atomic_write_bytes(self.path, "".join(f"{line}\n" for line in kept).encode())
+
+    def log(self, row: dict[str, Any]) -> None:
+        row = {k: _json_value(v) for k, v in row.items()}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._wandb_run is not None:
+            scalars = {k: v for k, v in row.items() if isinstance(v, numbers.Number)}
+            self._wandb_run.log(scalars)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+
+def _start_wandb(run_dir: Path, cfg: RunConfig):
+    import wandb
+
+    id_file = run_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    id_file.write_text(run_id + "\n")
+    run = wandb.init(
+        project=cfg.logging.project,
+        name=cfg.logging.run_name or run_dir.name,
+        id=run_id,
+        resume="allow",
+        dir=str(run_dir),
+        mode=cfg.logging.wandb,
+        config=config_to_dict(cfg),
+    )
+    run.define_metric("*", step_metric="step")
+    return run
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
