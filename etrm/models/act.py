@@ -1,0 +1,149 @@
+"""ETRM = context encoder + TRM decoder, driven by TRM's adaptive computation time (ACT) wrapper.
+
+Each call runs one ACT step for every row. The carry persists across calls (and
+batches): a row flagged halted by the previous call restarts from H_init/L_init
+on the incoming batch row; the other rows keep working on their stored row and
+ignore the new one. Training halts a row at `halt_max_steps` or when the Q head
+says so (subject to a random exploration minimum); evaluation runs every row for
+all `halt_max_steps` steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from etrm.config import ArchConfig
+from etrm.errors import EtrmError
+from etrm.models.encoders import build_encoder
+from etrm.models.trm import TRMDecoder
+
+FORWARD_DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass
+class Carry:
+    z_H: torch.Tensor  # [B, prefix + seq, hidden]
+    z_L: torch.Tensor
+    steps: torch.Tensor  # [B] int32, ACT steps taken on the current row
+    halted: torch.Tensor  # [B] bool, reset and refilled at the next call
+    current_data: dict[str, torch.Tensor]  # the batch rows each sample is working on
+    context: torch.Tensor | None  # cached encoder output (encoder_reencode False), else None
+
+
+class ETRM(nn.Module):
+    def __init__(self, arch: ArchConfig):
+        super().__init__()
+        if arch.forward_dtype not in FORWARD_DTYPES:
+            raise EtrmError(
+                f"arch.forward_dtype={arch.forward_dtype!r} is not one of {', '.join(FORWARD_DTYPES)}"
+            )
+        if arch.hidden_size % arch.num_heads:
+            raise EtrmError(
+                f"arch.hidden_size={arch.hidden_size} is not divisible by arch.num_heads={arch.num_heads}"
+            )
+        if not 1 <= arch.context_len <= arch.puzzle_emb_len:
+            raise EtrmError(
+                f"arch.context_len={arch.context_len} must be in 1..arch.puzzle_emb_len={arch.puzzle_emb_len}"
+            )
+        if arch.halt_max_steps < 1:
+            raise EtrmError(f"arch.halt_max_steps={arch.halt_max_steps} must be at least 1")
+        self.arch = arch
+        self.encoder = build_encoder(arch)
+        self.decoder = TRMDecoder(arch)
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """forward_dtype 'auto': bfloat16 on CUDA, float32 elsewhere."""
+        if self.arch.forward_dtype == "bfloat16" or (
+            self.arch.forward_dtype == "auto" and device.type == "cuda"
+        ):
+            return torch.bfloat16
+        return torch.float32
+
+    def initial_carry(self, batch: dict[str, torch.Tensor]) -> Carry:
+        """A carry with every row halted, so that the next call loads the whole batch."""
+        inputs = batch["inputs"]
+        batch_size, device = inputs.shape[0], inputs.device
+        latents = torch.zeros(
+            self.decoder.latent_shape(batch_size), dtype=self.compute_dtype(device), device=device
+        )
+        return Carry(
+            z_H=latents,
+            z_L=latents.clone(),
+            steps=torch.zeros(batch_size, dtype=torch.int32, device=device),
+            halted=torch.ones(batch_size, dtype=torch.bool, device=device),
+            current_data={k: torch.zeros_like(v) for k, v in batch.items()},
+            context=None,
+        )
+
+    def forward(self, carry: Carry, batch: dict[str, torch.Tensor]) -> tuple[Carry, dict[str, torch.Tensor]]:
+        device = batch["inputs"].device
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if device.type == "cuda" and self.compute_dtype(device) == torch.bfloat16
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            return self._step(carry, batch)
+
+    def _step(self, carry: Carry, batch: dict[str, torch.Tensor]) -> tuple[Carry, dict[str, torch.Tensor]]:
+        reset = carry.halted
+        current = {
+            k: torch.where(reset.view(-1, *([1] * (old.ndim - 1))), batch[k], old)
+            for k, old in carry.current_data.items()
+        }
+        z_H, z_L = self.decoder.reset_latents(reset, carry.z_H, carry.z_L)
+        steps = torch.where(reset, 0, carry.steps)
+        context, kl, cached = self._context(reset, current, carry.context)
+
+        z_H, z_L, logits, q_halt, q_continue = self.decoder(z_H, z_L, current["inputs"], context)
+        outputs = {
+            "logits": logits,
+            "q_halt_logits": q_halt,
+            "q_continue_logits": q_continue,
+            "context": context,
+        }
+        if kl is not None:
+            outputs["kl"] = kl
+
+        with torch.no_grad():
+            steps = steps + 1
+            is_last_step = steps >= self.arch.halt_max_steps
+            halted = is_last_step
+            if self.training and self.arch.halt_max_steps > 1:
+                if self.arch.no_ACT_continue:
+                    halted = halted | (q_halt > 0)
+                else:
+                    halted = halted | (q_halt > q_continue)
+                explore = torch.rand_like(q_halt) < self.arch.halt_exploration_prob
+                min_steps = explore * torch.randint_like(steps, low=2, high=self.arch.halt_max_steps + 1)
+                halted = halted & (steps >= min_steps)
+                if not self.arch.no_ACT_continue:
+                    # Bootstrapped Q-learning target: the Q values one step further on.
+                    _, _, _, next_halt, next_continue = self.decoder(z_H, z_L, current["inputs"], context)
+                    outputs["target_q_continue"] = torch.sigmoid(
+                        torch.where(is_last_step, next_halt, torch.maximum(next_halt, next_continue))
+                    )
+        return Carry(z_H, z_L, steps, halted, current, cached), outputs
+
+    def _context(self, reset: torch.Tensor, current: dict[str, torch.Tensor], cached: torch.Tensor | None):
+        """(context, kl or None, context to cache): re-encode every row, or only the rows being reset."""
+        if self.arch.encoder_reencode or cached is None:
+            context, kl = self.encoder(current)
+            return context, kl, None if self.arch.encoder_reencode else context.detach()
+        rows = reset.nonzero().squeeze(1)
+        context, kl = cached, None
+        if rows.numel():
+            fresh, fresh_kl = self.encoder({k: v[rows] for k, v in current.items()})
+            context = cached.index_put((rows,), fresh.to(cached.dtype))
+            if fresh_kl is not None:
+                kl = torch.zeros(reset.shape[0], dtype=fresh_kl.dtype, device=fresh_kl.device)
+                kl = kl.index_put((rows,), fresh_kl)
+        return context, kl, context.detach()
+
+
+def build_model(arch: ArchConfig) -> ETRM:
+    return ETRM(arch)
