@@ -2,7 +2,10 @@
 
 import typer
 
+from etrm.data.synth_cli import synth_command
+
 app = typer.Typer(help="Build, inspect and verify datasets.", no_args_is_help=True)
+app.command("synth")(synth_command)
 
 
 @app.command("info")
