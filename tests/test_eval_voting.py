@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+from eval_fixtures import A, B, C, D, W, hand_made
 
 from etrm.errors import EtrmError
 from etrm.eval.predictions import NO_GRID, NOT_EVALUATED, Predictions, PredictionsBuilder
@@ -13,10 +14,6 @@ from etrm.eval.voting import NOT_FOUND, rank_candidates
 
 def sig(x):
     return 1.0 / (1.0 + math.exp(-x))
-
-
-def g(*rows):
-    return np.array(rows, dtype=np.uint8)
 
 
 def test_ranking_counts_votes_then_mean_q_then_first_augmentation():
@@ -37,38 +34,6 @@ def test_ranking_with_no_votes_is_empty_and_extreme_logits_stay_finite():
     assert len(rank_candidates(np.array([NO_GRID, NOT_EVALUATED]), np.array([0.0, 0.0])).grid_ids) == 0
     r = rank_candidates(np.array([1, 2]), np.array([-1000.0, 1000.0]))
     assert r.grid_ids.tolist() == [2, 1] and np.all(np.isfinite(r.mean_q))
-
-
-A, B, C, D, E, W = g([1]), g([2, 2]), g([3], [3]), g([4, 4, 4]), g([5, 6]), g([0, 0], [0, 0])
-
-
-def hand_made(meta=None):
-    """Three puzzles, four queries, three augmentations (p3 has two); target ranks 0, 1, 1, 1.
-
-    p1/q0 target A: A, A, B          → A first (identity exact)
-    p2/q0 target B: B, C, W one each → ordered by q: C, B, W (identity exact)
-    p2/q1 target D: none, W, D       → W and D tie on votes and q: W came first, D second
-    p3/q0 target E: W, E             → W has the higher q, E second
-    """
-    b = PredictionsBuilder(
-        ["p1", "p2", "p3"],
-        [[A], [B, D], [E]],
-        [3, 3, 2],
-        meta={"split": "test", "fewshot": True, "step": 7},
-    )
-    b.add(0, 0, 0, A, 0.0)
-    b.add(0, 0, 1, A, 0.0)
-    b.add(0, 0, 2, B, 5.0)
-    # p2/q0: C and B one vote each, C has the higher q → B second; W third
-    b.add(1, 0, 0, B, 0.0)
-    b.add(1, 0, 1, C, 3.0)
-    b.add(1, 0, 2, W, -3.0)
-    b.add(1, 1, 0, None, 1.0)
-    b.add(1, 1, 1, W, 1.0)
-    b.add(1, 1, 2, D, 1.0)
-    b.add(2, 0, 0, W, 2.0)
-    b.add(2, 0, 1, E, -2.0)
-    return b.build()
 
 
 def test_pass_at_k_is_the_mean_over_puzzles_of_the_fraction_of_queries_solved():
