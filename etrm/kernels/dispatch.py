@@ -42,6 +42,10 @@ def use_triton(t: torch.Tensor) -> bool:
     if mode == "triton":
         if not triton_available():
             raise EtrmError("ETRM_KERNELS=triton but triton does not import")
+        if not t.is_cuda and not importlib.import_module("triton").knobs.runtime.interpret:
+            raise EtrmError(
+                "ETRM_KERNELS=triton needs CUDA tensors (or TRITON_INTERPRET=1 for Triton's CPU interpreter)"
+            )
         return True
     return t.is_cuda and triton_available()
 

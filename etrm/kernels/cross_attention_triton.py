@@ -1,0 +1,382 @@
+"""Flash-style cross-attention for the set encoder: few queries (the context slots) over many keys.
+
+q [B, H, Lq, D]; k, v [B, H, Lk, D]; key_mask [B, Lk] (True = attend). Forward streams the
+keys with an online softmax in base 2 (scale·log2(e) folded into the scores) and saves only
+the per-row log-sum-exp. Backward recomputes the probabilities: one pass over key blocks
+gives dK and dV (looping over the few query blocks), one pass over query blocks gives dQ
+(looping over the keys), so no atomics and deterministic results. A query row whose keys
+are all masked has l = 0: its output, and every gradient through it, is exactly zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from etrm.kernels.triton_utils import interpreting
+
+# Finite stand-in for −inf as the running max: exp2(score − max) stays 0 for masked keys and
+# the rescale factor exp2(old − new) is never exp2(−inf + inf) = NaN on a fully masked row.
+_MAX_FLOOR = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _attn_fwd(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    o_ptr,
+    lse_ptr,
+    sq_b,
+    sq_h,
+    sq_l,
+    sk_b,
+    sk_h,
+    sk_l,
+    sv_b,
+    sv_h,
+    sv_l,
+    so_b,
+    so_h,
+    so_l,
+    s_mask_b,
+    n_heads,
+    q_len,
+    k_len,
+    scale_log2,
+    HAS_MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // n_heads, bh % n_heads
+    offs_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ok = offs_q < q_len
+    q = tl.load(
+        q_ptr + b * sq_b + h * sq_h + offs_q[:, None] * sq_l + offs_d[None, :], mask=q_ok[:, None], other=0.0
+    )
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+
+    row_max = tl.full([BLOCK_Q], _MAX_FLOOR, tl.float32)
+    row_sum = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
+    for start in range(0, k_len, BLOCK_K):
+        offs_k = start + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_len
+        if HAS_MASK:
+            k_ok = k_ok & (tl.load(mask_ptr + b * s_mask_b + offs_k, mask=k_ok, other=0) != 0)
+        k = tl.load(k_base + offs_k[:, None] * sk_l + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_k[:, None] * sv_l + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        scores = tl.where(k_ok[None, :], scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        p = tl.exp2(scores - new_max[:, None])
+        rescale = tl.exp2(row_max - new_max)
+        row_sum = row_sum * rescale + tl.sum(p, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        row_max = new_max
+
+    has_keys = row_sum > 0
+    out = acc / tl.where(has_keys, row_sum, 1.0)[:, None]
+    lse = tl.where(has_keys, row_max + tl.log2(tl.where(has_keys, row_sum, 1.0)), 0.0)
+    tl.store(
+        o_ptr + b * so_b + h * so_h + offs_q[:, None] * so_l + offs_d[None, :],
+        out.to(o_ptr.dtype.element_ty),
+        mask=q_ok[:, None],
+    )
+    tl.store(lse_ptr + bh * q_len + offs_q, lse, mask=q_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dk_ptr,
+    dv_ptr,
+    sq_b,
+    sq_h,
+    sq_l,
+    sk_b,
+    sk_h,
+    sk_l,
+    sv_b,
+    sv_h,
+    sv_l,
+    sdo_b,
+    sdo_h,
+    sdo_l,
+    s_mask_b,
+    n_heads,
+    q_len,
+    k_len,
+    scale_log2,
+    scale,
+    HAS_MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // n_heads, bh % n_heads
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_in = offs_k < k_len
+    k_ok = k_in
+    if HAS_MASK:
+        k_ok = k_ok & (tl.load(mask_ptr + b * s_mask_b + offs_k, mask=k_in, other=0) != 0)
+    k = tl.load(
+        k_ptr + b * sk_b + h * sk_h + offs_k[:, None] * sk_l + offs_d[None, :], mask=k_ok[:, None], other=0.0
+    )
+    v = tl.load(
+        v_ptr + b * sv_b + h * sv_h + offs_k[:, None] * sv_l + offs_d[None, :], mask=k_ok[:, None], other=0.0
+    )
+
+    dk = tl.zeros([BLOCK_K, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_K, HEAD_DIM], tl.float32)
+    for start in range(0, q_len, BLOCK_Q):
+        offs_q = start + tl.arange(0, BLOCK_Q)
+        q_ok = offs_q < q_len
+        q = tl.load(
+            q_ptr + b * sq_b + h * sq_h + offs_q[:, None] * sq_l + offs_d[None, :],
+            mask=q_ok[:, None],
+            other=0.0,
+        )
+        do = tl.load(
+            do_ptr + b * sdo_b + h * sdo_h + offs_q[:, None] * sdo_l + offs_d[None, :],
+            mask=q_ok[:, None],
+            other=0.0,
+        )
+        lse = tl.load(lse_ptr + bh * q_len + offs_q, mask=q_ok, other=0.0)
+        delta = tl.load(delta_ptr + bh * q_len + offs_q, mask=q_ok, other=0.0)
+        scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
+        p_t = tl.where(k_ok[:, None] & q_ok[None, :], tl.exp2(scores_t - lse[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+
+    out_offsets = bh * k_len * HEAD_DIM + offs_k[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(dk_ptr + out_offsets, (dk * scale).to(dk_ptr.dtype.element_ty), mask=k_in[:, None])
+    tl.store(dv_ptr + out_offsets, dv.to(dv_ptr.dtype.element_ty), mask=k_in[:, None])
+
+
+@triton.jit
+def _attn_bwd_dq(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,
+    sq_b,
+    sq_h,
+    sq_l,
+    sk_b,
+    sk_h,
+    sk_l,
+    sv_b,
+    sv_h,
+    sv_l,
+    sdo_b,
+    sdo_h,
+    sdo_l,
+    s_mask_b,
+    n_heads,
+    q_len,
+    k_len,
+    scale_log2,
+    scale,
+    HAS_MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // n_heads, bh % n_heads
+    offs_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ok = offs_q < q_len
+    q = tl.load(
+        q_ptr + b * sq_b + h * sq_h + offs_q[:, None] * sq_l + offs_d[None, :], mask=q_ok[:, None], other=0.0
+    )
+    do = tl.load(
+        do_ptr + b * sdo_b + h * sdo_h + offs_q[:, None] * sdo_l + offs_d[None, :],
+        mask=q_ok[:, None],
+        other=0.0,
+    )
+    lse = tl.load(lse_ptr + bh * q_len + offs_q, mask=q_ok, other=0.0)
+    delta = tl.load(delta_ptr + bh * q_len + offs_q, mask=q_ok, other=0.0)
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+
+    dq = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
+    for start in range(0, k_len, BLOCK_K):
+        offs_k = start + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_len
+        if HAS_MASK:
+            k_ok = k_ok & (tl.load(mask_ptr + b * s_mask_b + offs_k, mask=k_ok, other=0) != 0)
+        k = tl.load(k_base + offs_k[:, None] * sk_l + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_k[:, None] * sv_l + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        p = tl.where(q_ok[:, None] & k_ok[None, :], tl.exp2(scores - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+    tl.store(
+        dq_ptr + bh * q_len * HEAD_DIM + offs_q[:, None] * HEAD_DIM + offs_d[None, :],
+        (dq * scale).to(dq_ptr.dtype.element_ty),
+        mask=q_ok[:, None],
+    )
+
+
+def _config(head_dim: int) -> dict:
+    """One pinned tile per head size (no autotuning: the interpreter cannot, and Lq is always small)."""
+    if head_dim not in (16, 32, 64, 128):
+        raise ValueError(f"cross_attention: head_dim {head_dim} is not one of 16, 32, 64, 128")
+    block_k = 128 if interpreting() or head_dim <= 64 else 64
+    return {"BLOCK_Q": 16, "BLOCK_K": block_k, "HEAD_DIM": head_dim, "num_warps": 4, "num_stages": 2}
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _mask_args(key_mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The key mask as bytes (zero-copy for a contiguous bool tensor); q stands in when there is none."""
+    if key_mask is None:
+        return q, 0
+    mask = key_mask.contiguous().view(torch.uint8)
+    return mask, mask.stride(0)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs get full-precision dots (as torch's matmul); half types use tensor cores anyway.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> None:
+    if (
+        q.dim() != 4
+        or k.shape != v.shape
+        or k.dim() != 4
+        or q.shape[:2] != k.shape[:2]
+        or q.shape[3] != k.shape[3]
+    ):
+        raise ValueError(
+            f"cross_attention: need q [B,H,Lq,D] and k, v [B,H,Lk,D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"cross_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.shape != (k.shape[0], k.shape[2])):
+        raise ValueError(
+            f"cross_attention: key_mask must be bool [{k.shape[0]}, {k.shape[2]}], "
+            f"got {key_mask.dtype} {tuple(key_mask.shape)}"
+        )
+
+
+def cross_attention_forward(q, k, v, key_mask):
+    """Returns (out like q, log2-sum-exp [B, H, Lq] float32)."""
+    check_shapes(q, k, v, key_mask)
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    batch, n_heads, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((batch, n_heads, q_len), dtype=torch.float32, device=q.device)
+    cfg = _config(head_dim)
+    mask, mask_stride = _mask_args(key_mask, q)
+    grid = (triton.cdiv(q_len, cfg["BLOCK_Q"]), batch * n_heads)
+    _attn_fwd[grid](
+        q,
+        k,
+        v,
+        mask,
+        out,
+        lse,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(out),
+        mask_stride,
+        n_heads,
+        q_len,
+        k_len,
+        head_dim**-0.5 * math.log2(math.e),
+        HAS_MASK=key_mask is not None,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        **cfg,
+    )
+    return out, lse
+
+
+def cross_attention_backward(dout, q, k, v, key_mask, out, lse):
+    dout = _unit_last_stride(dout)
+    batch, n_heads, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    delta = (dout.float() * out.float()).sum(-1)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    cfg = _config(head_dim)
+    mask, mask_stride = _mask_args(key_mask, q)
+    common = (
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(dout),
+        mask_stride,
+        n_heads,
+        q_len,
+        k_len,
+        head_dim**-0.5 * math.log2(math.e),
+        head_dim**-0.5,
+    )
+    flags = {"HAS_MASK": key_mask is not None, "DOT_PRECISION": _dot_precision(q.dtype), **cfg}
+    _attn_bwd_dkdv[(triton.cdiv(k_len, cfg["BLOCK_K"]), batch * n_heads)](
+        q, k, v, mask, dout, lse, delta, dk, dv, *common, **flags
+    )
+    _attn_bwd_dq[(triton.cdiv(q_len, cfg["BLOCK_Q"]), batch * n_heads)](
+        q, k, v, mask, dout, lse, delta, dq, *common, **flags
+    )
+    return dq, dk, dv
+
+
+class CrossAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask):
+        q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+        out, lse = cross_attention_forward(q, k, v, key_mask)
+        ctx.save_for_backward(q, k, v, key_mask, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, key_mask, out, lse = ctx.saved_tensors
+        dq, dk, dv = cross_attention_backward(dout, q, k, v, key_mask, out, lse)
+        return dq, dk, dv, None
+
+
+def cross_attention(q, k, v, key_mask=None):
+    return CrossAttentionFunction.apply(q, k, v, key_mask)

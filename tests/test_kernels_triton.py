@@ -1,0 +1,218 @@
+"""Triton kernels (run in Triton's CPU interpreter) against a float64 evaluation of etrm.kernels.reference.
+
+Tolerance rule (flash-attention's): the kernel's largest error against float64 must be within
+twice the error of plain PyTorch (the reference run at the same precision) plus about one
+unit in the last place of the output's scale.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+from etrm.errors import EtrmError
+from etrm.kernels import reference
+
+# Triton picks the interpreter when @triton.jit runs, i.e. when the kernel modules are first imported.
+os.environ["TRITON_INTERPRET"] = "1"
+
+ULP_FLOOR = {torch.float32: 2e-6, torch.float16: 1e-3}
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """etrm.kernels.triton_ops with interpreted kernels (re-imported if someone jitted them for a GPU first)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    modules = [
+        importlib.import_module(f"etrm.kernels.{name}_triton")
+        for name in ("rms_norm", "swiglu", "rotary", "cross_attention")
+    ]
+    if not isinstance(modules[0]._add_rms_norm_fwd, InterpretedFunction):
+        modules = [importlib.reload(module) for module in modules]
+        importlib.reload(importlib.import_module("etrm.kernels.triton_ops"))
+    return importlib.import_module("etrm.kernels.triton_ops")
+
+
+def run_with_grads(fn, tensors, grad_out, dtype):
+    """fn(*tensors cast to dtype) and the gradient of <out, grad_out> w.r.t. every floating tensor."""
+    leaves = [t.detach().to(dtype).requires_grad_() if t.is_floating_point() else t for t in tensors]
+    out = fn(*leaves)
+    out.backward(grad_out.to(dtype))
+    return out.detach(), [t.grad for t in leaves if t.is_floating_point()]
+
+
+def check_against_float64(triton_fn, torch_fn, tensors, dtype, seed=0):
+    """Compare triton_fn and torch_fn (both at `dtype`) with torch_fn in float64; returns the triton results."""
+    torch.manual_seed(seed)
+    # The float64 reference starts from the same (rounded) inputs, so only the op's own error counts.
+    tensors = [t.to(dtype) if t.is_floating_point() else t for t in tensors]
+    shape_probe = torch_fn(*tensors)
+    grad_out = torch.randn(shape_probe.shape, dtype=torch.float64).to(dtype).double()
+    exact_out, exact_grads = run_with_grads(torch_fn, tensors, grad_out, torch.float64)
+    torch_out, torch_grads = run_with_grads(torch_fn, tensors, grad_out, dtype)
+    got_out, got_grads = run_with_grads(triton_fn, tensors, grad_out, dtype)
+    assert got_out.dtype == dtype and got_out.shape == exact_out.shape
+    for name, got, plain, exact in zip(
+        ["output"] + [f"grad {i}" for i in range(len(exact_grads))],
+        [got_out, *got_grads],
+        [torch_out, *torch_grads],
+        [exact_out, *exact_grads],
+        strict=True,
+    ):
+        assert got.dtype == dtype and torch.isfinite(got).all(), name
+        err = (got.double() - exact).abs().max().item()
+        torch_err = (plain.double() - exact).abs().max().item()
+        allowed = 2 * torch_err + ULP_FLOOR[dtype] * max(exact.abs().max().item(), 1.0)
+        assert err <= allowed, (
+            f"{name}: error {err:.3g} > allowed {allowed:.3g} (plain torch {torch_err:.3g})"
+        )
+    return got_out, got_grads
+
+
+DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5, 96), (37, 53), (1, 1, 1023)])
+def test_add_rms_norm(ops, shape, dtype):
+    torch.manual_seed(1)
+    x, residual = torch.randn(shape) * 3, torch.randn(shape)
+    check_against_float64(
+        lambda a, b: ops.add_rms_norm(a, b, 1e-5),
+        lambda a, b: reference.add_rms_norm(a, b, 1e-5),
+        [x, residual],
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 29, 70), (5, 123), (1, 1, 1023)])
+def test_swiglu_on_halves_of_one_projection(ops, shape, dtype):
+    torch.manual_seed(2)
+    gate_up = torch.randn(*shape[:-1], 2 * shape[-1]) * 3
+
+    def halves(fn):
+        return lambda both: fn(*both.chunk(2, dim=-1))
+
+    check_against_float64(halves(ops.swiglu), halves(reference.swiglu), [gate_up], dtype)
+
+
+def rope_tables(seq_len: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from etrm.models.layers import RotaryEmbedding
+
+    cos, sin = RotaryEmbedding(head_dim, max_positions=seq_len, base=10000.0)()
+    return cos, sin
+
+
+def tables_for(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 tables, float64 for the float64 reference (the reference does its math in the tables' dtype)."""
+    return (cos.double(), sin.double()) if x.dtype == torch.float64 else (cos, sin)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("batch", "seq_len", "heads", "head_dim"), [(2, 7, 3, 32), (1, 19, 2, 64)])
+def test_apply_rotary_on_qkv_split(ops, batch, seq_len, heads, head_dim, dtype):
+    torch.manual_seed(3)
+    cos, sin = rope_tables(seq_len, head_dim)
+    qkv = torch.randn(batch, seq_len, 3 * heads, head_dim)
+
+    def on_k(fn):
+        return lambda both: fn(both.split(heads, dim=2)[1], *tables_for(both, cos, sin))
+
+    check_against_float64(on_k(ops.apply_rotary), on_k(reference.apply_rotary), [qkv], dtype)
+
+
+def test_apply_rotary_general_tables(ops):
+    """Tables whose two halves differ (not RoPE's duplicated frequencies) exercise the adjoint's half swap."""
+    torch.manual_seed(4)
+    cos, sin = torch.randn(5, 32), torch.randn(5, 32)
+    check_against_float64(
+        lambda x: ops.apply_rotary(x, cos, sin),
+        lambda x: reference.apply_rotary(x, *tables_for(x, cos, sin)),
+        [torch.randn(3, 5, 2, 32)],
+        torch.float32,
+    )
+
+
+def key_mask_with_edge_rows(k_len: int) -> torch.Tensor:
+    """Batch row 0 random, row 1 fully masked, row 2 a single key."""
+    mask = torch.rand(3, k_len) > 0.4
+    mask[0, 0] = True
+    mask[1] = False
+    mask[2] = False
+    mask[2, k_len // 2] = True
+    return mask
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("q_len", "k_len", "head_dim", "masked"),
+    [(16, 1, 32, True), (5, 17, 64, False), (17, 300, 32, True), (16, 300, 64, True)],
+)
+def test_cross_attention(ops, q_len, k_len, head_dim, masked, dtype):
+    torch.manual_seed(5)
+    heads = 2
+    q = torch.randn(3, heads, q_len, head_dim)
+    # k and v as the encoder makes them: [B, Lk, H, D] projections viewed head-major.
+    k = (torch.randn(3, k_len, heads, head_dim) * 2).transpose(1, 2)
+    v = torch.randn(3, k_len, heads, head_dim).transpose(1, 2)
+    mask = key_mask_with_edge_rows(k_len) if masked else None
+    out, (dq, dk, dv) = check_against_float64(
+        lambda *t: ops.cross_attention(*t, mask),
+        lambda *t: reference.cross_attention(*t, mask),
+        [q, k, v],
+        dtype,
+    )
+    if masked:
+        assert (out[1] == 0).all() and (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
+        assert (dk[~mask[:, None, :].expand(-1, heads, -1)] == 0).all()
+
+
+def test_cross_attention_single_key_returns_its_value(ops):
+    q, k, v = torch.randn(1, 1, 16, 32), torch.randn(1, 1, 9, 32), torch.randn(1, 1, 9, 32)
+    mask = torch.zeros(1, 9, dtype=torch.bool)
+    mask[0, 4] = True
+    out = ops.cross_attention(q, k, v, mask)
+    torch.testing.assert_close(out, v[:, :, 4:5].expand_as(out), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("q", "k", "mask"),
+    [
+        (torch.randn(1, 2, 4, 32), torch.randn(1, 2, 8, 16), None),
+        (torch.randn(1, 2, 4, 24), torch.randn(1, 2, 8, 24), None),
+        (torch.randn(1, 2, 4, 32), torch.randn(1, 2, 8, 32), torch.ones(1, 7, dtype=torch.bool)),
+        (torch.randn(1, 2, 4, 32), torch.randn(1, 2, 8, 32), torch.ones(1, 8)),
+    ],
+)
+def test_cross_attention_rejects_bad_inputs(ops, q, k, mask):
+    with pytest.raises(ValueError, match="cross_attention"):
+        ops.cross_attention(q, k, k, mask)
+
+
+def test_elementwise_ops_reject_mismatched_shapes(ops):
+    with pytest.raises(ValueError, match="add_rms_norm"):
+        ops.add_rms_norm(torch.randn(2, 8), torch.randn(2, 9), 1e-5)
+    with pytest.raises(ValueError, match="swiglu"):
+        ops.swiglu(torch.randn(2, 8), torch.randn(3, 8))
+    with pytest.raises(ValueError, match="apply_rotary"):
+        ops.apply_rotary(torch.randn(1, 4, 2, 32), torch.randn(5, 32), torch.randn(5, 32))
+
+
+def test_dispatch_honours_etrm_kernels(ops, monkeypatch):
+    from etrm import kernels
+
+    gate, up = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8)
+    monkeypatch.setenv("ETRM_KERNELS", "triton")
+    assert type(kernels.swiglu(gate, up).grad_fn).__name__ == "SwiGLUFunctionBackward"
+    monkeypatch.setenv("ETRM_KERNELS", "torch")
+    assert type(kernels.swiglu(gate, up).grad_fn).__name__ == "MulBackward0"
+    monkeypatch.setenv("ETRM_KERNELS", "auto")  # CPU tensors: auto means torch
+    assert type(kernels.swiglu(gate, up).grad_fn).__name__ == "MulBackward0"
+    monkeypatch.setenv("ETRM_KERNELS", "cuda")
+    with pytest.raises(EtrmError, match="ETRM_KERNELS"):
+        kernels.swiglu(gate, up)
