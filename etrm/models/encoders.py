@@ -1,12 +1,149 @@
-"""Context modules: turn a batch's demos (or its puzzle id) into the decoder's prefix context."""
+"""Context modules: turn a batch's demos (or its puzzle id) into the decoder's prefix context.
+
+Every demo encoder reads `demo_inputs`, `demo_outputs` [B, D, 900] and `demo_mask` [B, D] and
+returns `(context [B, context_len, hidden], kl [B] or None)`. They share one per-demo grid
+transformer (`encoder_parts.DemoGridEncoder`) and differ in how the demos are combined:
+
+- standard: summary token per demo → mean over demos → projection.
+- hybrid_standard: all demos' cell states → `context_len` learned queries (cross-attention).
+- hybrid_variational: hybrid_standard's queries pooled → Gaussian latent → projection.
+- lpn_var: Gaussian latent per demo → mean of the latents → projection.
+
+A sample without any demo gets a zero context and zero KL.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import nn
 
 from etrm.config import ENCODER_TYPES, ArchConfig
 from etrm.errors import EtrmError
+from etrm.models.encoder_parts import (
+    ContextProjection,
+    CrossAttentionPool,
+    DemoGridEncoder,
+    GaussianLatent,
+    context_linear,
+    mean_over_present,
+    pack_present,
+)
 
 
-def build_encoder(arch: ArchConfig):
+class DemoEncoder(nn.Module, abc.ABC):
+    """Base of the demo encoders: encodes each present demo once, then `combine` builds the context."""
+
+    def __init__(self, arch: ArchConfig):
+        super().__init__()
+        self.width = arch.encoder_hidden_size or arch.hidden_size
+        self.num_heads = arch.encoder_num_heads or arch.num_heads
+        self.latent_dim = arch.encoder_latent_dim or self.width
+        self.grid_encoder = DemoGridEncoder(
+            arch.vocab_size,
+            self.width,
+            self.num_heads,
+            arch.expansion,
+            arch.encoder_num_layers,
+            arch.rms_norm_eps,
+        )
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        present = batch["demo_mask"].bool()
+        has_demos = present.any(dim=1)
+        if not has_demos.any():
+            # Encode one empty slot anyway (its result is zeroed below) so no tensor has a zero batch size.
+            present = torch.zeros_like(present)
+            present[0, 0] = True
+        inputs, outputs = batch["demo_inputs"], batch["demo_outputs"]
+        states, attend = self.grid_encoder(inputs[present], outputs[present])
+        context, kl = self.combine(states, attend, present)
+        context = torch.where(has_demos[:, None, None], context, torch.zeros_like(context))
+        if kl is not None:
+            kl = torch.where(has_demos, kl, torch.zeros_like(kl))
+        return context, kl
+
+    @abc.abstractmethod
+    def combine(self, states, attend, present) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """states [N, S, width], attend [N, S] of the N present demos; present [B, D] → (context, kl)."""
+
+
+class StandardEncoder(DemoEncoder):
+    def __init__(self, arch: ArchConfig):
+        super().__init__(arch)
+        self.to_context = ContextProjection(self.width, arch.context_len, arch.hidden_size)
+
+    def combine(self, states, attend, present):
+        return self.to_context(mean_over_present(states[:, 0], present)), None
+
+
+class HybridEncoder(DemoEncoder):
+    """hybrid_standard; with `variational` the queries are mean-pooled into a Gaussian latent (hybrid_variational)."""
+
+    def __init__(self, arch: ArchConfig, variational: bool):
+        super().__init__(arch)
+        self.set_pool = CrossAttentionPool(
+            self.width, self.num_heads, arch.expansion, arch.context_len, arch.rms_norm_eps
+        )
+        if variational:
+            self.latent = GaussianLatent(self.width, self.latent_dim)
+            self.to_context = ContextProjection(self.latent_dim, arch.context_len, arch.hidden_size)
+        else:
+            self.latent = None
+            self.to_context = context_linear(self.width, arch.hidden_size, arch.hidden_size)
+
+    def combine(self, states, attend, present):
+        queries = self.set_pool(pack_present(states, present), pack_present(attend, present))
+        if self.latent is None:
+            return self.to_context(queries), None
+        z, kl = self.latent(queries.mean(dim=1))
+        return self.to_context(z), kl
+
+
+class LpnVariationalEncoder(DemoEncoder):
+    def __init__(self, arch: ArchConfig):
+        super().__init__(arch)
+        self.latent = GaussianLatent(self.width, self.latent_dim)
+        self.to_context = ContextProjection(self.latent_dim, arch.context_len, arch.hidden_size)
+
+    def combine(self, states, attend, present):
+        z, kl = self.latent(states[:, 0])
+        return self.to_context(mean_over_present(z, present)), mean_over_present(kl, present)
+
+
+def build_encoder(arch: ArchConfig) -> nn.Module:
+    if not 1 <= arch.context_len <= arch.puzzle_emb_len:
+        raise EtrmError(
+            f"arch.context_len={arch.context_len} must be between 1 and arch.puzzle_emb_len={arch.puzzle_emb_len}"
+        )
     if arch.encoder_type == "puzzle_embedding":
         from etrm.models.puzzle_embedding import PuzzleEmbeddingContext
 
         return PuzzleEmbeddingContext(arch)
+    width = arch.encoder_hidden_size or arch.hidden_size
+    heads = arch.encoder_num_heads or arch.num_heads
+    if width % heads:
+        raise EtrmError(
+            f"arch.encoder_hidden_size={width} is not divisible by arch.encoder_num_heads={heads}"
+        )
+    if arch.encoder_num_layers < 1:
+        raise EtrmError(f"arch.encoder_num_layers={arch.encoder_num_layers} must be at least 1")
+    if arch.encoder_type == "standard":
+        return StandardEncoder(arch)
+    if arch.encoder_type in ("hybrid_standard", "hybrid_variational"):
+        return HybridEncoder(arch, variational=arch.encoder_type == "hybrid_variational")
+    if arch.encoder_type == "lpn_var":
+        return LpnVariationalEncoder(arch)
     raise EtrmError(f"arch.encoder_type={arch.encoder_type!r} is not one of {', '.join(ENCODER_TYPES)}")
+
+
+def encoder_num_parameters(arch: ArchConfig) -> int:
+    """Parameters of the encoder `arch` describes, counted without allocating it (meta device)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_encoder(arch).parameters())
+
+
+def context_rms(context: torch.Tensor) -> float:
+    """Root mean square of the context (logged as `encoder/context_rms` beside the prefix it replaces)."""
+    return context.detach().float().square().mean().sqrt().item()

@@ -1,0 +1,178 @@
+"""Parts shared by the demo encoders: a per-demo grid transformer, a cross-attention set pool,
+a Gaussian latent and the projection to context tokens.
+
+Demos arrive as TRM tokens on 30×30 canvases (PAD 0 outside the grid). Only present demos are
+encoded, each cropped to the smallest top-left box that holds every non-PAD cell in the batch,
+with the remaining PAD cells masked out of attention: the result for a demo does not depend on
+what else is in the batch, and small puzzles cost a fraction of the full 2×900 tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from etrm import kernels
+from etrm.models.layers import CastedEmbedding, CastedLinear, PostNormBlock, SwiGLU, trunc_normal_init_
+
+PAD_TOKEN = 0
+CANVAS_SIDE = 30
+LOGVAR_LIMIT = 10.0  # keeps exp(log σ²) finite in any dtype; far outside any useful posterior
+
+
+def crop_canvas(tokens: torch.Tensor) -> torch.Tensor:
+    """[N, 900] canvases → [N, R, C]: the top-left box covering every non-PAD cell of the batch (at least 1×1)."""
+    canvas = tokens.view(-1, CANVAS_SIDE, CANVAS_SIDE)
+    used = canvas != PAD_TOKEN
+    used_rows_cols = torch.stack((used.any(dim=2).any(dim=0), used.any(dim=1).any(dim=0)))
+    extent = used_rows_cols * torch.arange(1, CANVAS_SIDE + 1, device=tokens.device)
+    rows, cols = extent.amax(dim=1).clamp(min=1).tolist()
+    return canvas[:, :rows, :cols]
+
+
+class DemoGridEncoder(nn.Module):
+    """One demo (input grid, output grid) → a summary token plus one state per grid cell.
+
+    Cells are embedded as colour token + row + column + side (input/output); a learned summary
+    token is prepended and is always attendable, so no attention row is ever fully masked.
+    """
+
+    def __init__(
+        self, vocab_size: int, width: int, num_heads: int, expansion: float, num_layers: int, eps: float
+    ):
+        super().__init__()
+        std = 1.0 / math.sqrt(width)
+        self.embed_scale = math.sqrt(width)
+        self.token_embedding = CastedEmbedding(vocab_size, width, std)
+        self.row_embedding = CastedEmbedding(CANVAS_SIDE, width, std)
+        self.col_embedding = CastedEmbedding(CANVAS_SIDE, width, std)
+        self.side_embedding = CastedEmbedding(2, width, std)
+        self.summary_token = nn.Parameter(trunc_normal_init_(torch.empty(width), std))
+        self.layers = nn.ModuleList(
+            PostNormBlock(width, num_heads, expansion, eps) for _ in range(num_layers)
+        )
+
+    def _embed_grid(self, grid: torch.Tensor, side: int) -> torch.Tensor:
+        """[N, R, C] tokens → [N, R·C, width]."""
+        rows, cols = grid.shape[1:]
+        positions = torch.arange(CANVAS_SIDE, device=grid.device)
+        cell = (
+            self.token_embedding(grid)
+            + self.row_embedding(positions[:rows])[:, None, :]
+            + self.col_embedding(positions[:cols])[None, :, :]
+            + self.side_embedding(torch.tensor(side, device=grid.device))
+        )
+        return cell.flatten(1, 2)
+
+    def forward(self, inputs: torch.Tensor, outputs: torch.Tensor):
+        """inputs, outputs [N, 900] tokens → states [N, S, width] (position 0 = summary), attend [N, S] bool."""
+        inputs, outputs = crop_canvas(inputs), crop_canvas(outputs)
+        n = inputs.shape[0]
+        summary = self.summary_token.expand(n, 1, -1)
+        h = torch.cat((summary, self._embed_grid(inputs, 0), self._embed_grid(outputs, 1)), dim=1)
+        h = h * self.embed_scale
+        attend = torch.cat(
+            (
+                torch.ones(n, 1, dtype=torch.bool, device=inputs.device),
+                inputs.flatten(1) != PAD_TOKEN,
+                outputs.flatten(1) != PAD_TOKEN,
+            ),
+            dim=1,
+        )
+        key_mask = attend[:, None, None, :]
+        for layer in self.layers:
+            h = layer(h, attn_mask=key_mask)
+        return h, attend
+
+
+class CrossAttentionPool(nn.Module):
+    """`num_queries` learned queries attend over a sample's tokens (masked), then a SwiGLU; post-norm.
+
+    The keys carry no demo index, so the result is invariant to demo order and to empty slots.
+    A sample with no attendable token gets a zero attention output.
+    """
+
+    def __init__(self, width: int, num_heads: int, expansion: float, num_queries: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.eps = eps
+        self.queries = nn.Parameter(trunc_normal_init_(torch.empty(num_queries, width), 1.0))
+        self.q_proj = CastedLinear(width, width)
+        self.kv_proj = CastedLinear(width, 2 * width)
+        self.o_proj = CastedLinear(width, width)
+        self.mlp = SwiGLU(width, expansion)
+
+    def forward(self, tokens: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+        """tokens [B, L, width], attend [B, L] bool → [B, num_queries, width]."""
+        b, length, width = tokens.shape
+        head_dim = width // self.num_heads
+        queries = self.queries.to(tokens.dtype).expand(b, -1, -1)
+        q = self.q_proj(queries).view(b, -1, self.num_heads, head_dim).transpose(1, 2)
+        k, v = self.kv_proj(tokens).view(b, length, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        attended = kernels.cross_attention(q, k, v, attend).transpose(1, 2).reshape(b, -1, width)
+        h = kernels.add_rms_norm(self.o_proj(attended), queries, self.eps)
+        return kernels.add_rms_norm(self.mlp(h), h, self.eps)
+
+
+class GaussianLatent(nn.Module):
+    """Diagonal Gaussian posterior q(z|x): a sample μ + σ·ε while training, μ in eval mode.
+
+    Returns the KL(q ‖ N(0, I)) of each row, summed over latent dims, in float32.
+    """
+
+    def __init__(self, in_features: int, latent_dim: int):
+        super().__init__()
+        self.mean_logvar = CastedLinear(in_features, 2 * latent_dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, logvar = self.mean_logvar(x.float()).chunk(2, dim=-1)
+        logvar = logvar.clamp(-LOGVAR_LIMIT, LOGVAR_LIMIT)
+        kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum(-1)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if self.training else mean
+        return z.to(x.dtype), kl
+
+
+def context_linear(in_features: int, out_features: int, hidden_size: int) -> CastedLinear:
+    """The last linear before the context, initialised to outputs of RMS ≈ 1/sqrt(hidden).
+
+    The decoder multiplies its prefix by sqrt(hidden), as it does its token embeddings (whose
+    tables hold values of that scale), so the context starts at the scale of a token embedding.
+    """
+    linear = CastedLinear(in_features, out_features)
+    trunc_normal_init_(linear.weight, 1.0 / math.sqrt(in_features * hidden_size))
+    return linear
+
+
+class ContextProjection(nn.Module):
+    """A vector per sample → `context_len` prefix tokens of the decoder's width."""
+
+    def __init__(self, in_features: int, context_len: int, hidden_size: int):
+        super().__init__()
+        self.context_len = context_len
+        self.proj = context_linear(in_features, context_len * hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).view(x.shape[0], self.context_len, -1)
+
+
+def mean_over_present(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """values [N, ...] for the present demos (row-major order of `present` [B, D]) → per-sample mean [B, ...].
+
+    A sample without demos gets zeros.
+    """
+    owner = present.nonzero()[:, 0]
+    sums = values.new_zeros((present.shape[0], *values.shape[1:])).index_add_(0, owner, values)
+    counts = present.sum(dim=1).clamp(min=1).to(values.dtype)
+    return sums / counts.view(-1, *([1] * (values.dim() - 1)))
+
+
+def pack_present(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """values [N, S, ...] of the present demos → [B, M·S, ...], M = most demos any sample has; gaps are zeros."""
+    b = present.shape[0]
+    slots = max(int(present.sum(dim=1).max().item()), 1)
+    packed = values.new_zeros((b, slots, *values.shape[1:]))
+    slot_of_demo = (present.cumsum(dim=1) - 1)[present]
+    packed[present.nonzero()[:, 0], slot_of_demo] = values
+    return packed.flatten(1, 2)
