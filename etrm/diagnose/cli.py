@@ -1,10 +1,136 @@
-"""`etrm diagnose …` (issues 3 and 8 build this out)."""
+"""`etrm diagnose …`: gradient health, encoder collapse, ACT behaviour and TRM checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
 
 import typer
 
+from etrm.console import console, emit, err_console, print_json
+
 app = typer.Typer(help="Diagnose checkpoints and runs.", no_args_is_help=True)
+
+JSON_OPTION = typer.Option(False, "--json", help="Print JSON instead of a table.")
+
+
+def show_warnings(messages: Iterable[str]) -> None:
+    for message in messages:
+        err_console.print(f"warning: {message}", style="yellow", markup=False, highlight=False)
+
+
+@app.command("grad-health")
+def grad_health_command(
+    run: Path = typer.Argument(..., help="Run folder (written by `etrm train --out`)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Encoder share of the gradient, per evaluation window.
+
+    ratio = grad/encoder_norm ÷ grad/total_norm (both before clipping), averaged over each window's logged steps.
+    healthy: ratio > 0.2 · warning: 0.1 ≤ ratio ≤ 0.2 · unhealthy (gradient starvation): ratio < 0.1.
+    The verdict is the last window's class; the trend is the ratio's change over the run.
+    """
+    from etrm.diagnose.grad_health import grad_health
+    from etrm.diagnose.runs import finite_or_none, load_run
+
+    loaded = load_run(run)
+    show_warnings(loaded.warnings)
+    health = grad_health(loaded)
+    rows = [
+        {
+            "window": w.label,
+            "steps logged": w.rows,
+            "encoder norm": w.encoder_norm,
+            "inner norm": w.inner_norm,
+            "ratio": w.ratio,
+            "health": w.health,
+        }
+        for w in health.windows
+    ]
+    if as_json:
+        print_json(
+            {
+                "run": loaded.name,
+                "windows": [
+                    {**r, **{k: finite_or_none(r[k]) for k in ("encoder norm", "inner norm")}} for r in rows
+                ],
+                "ratio": finite_or_none(health.ratio),
+                "health": health.health,
+                "trend": health.trend,
+                "change": finite_or_none(health.change),
+            }
+        )
+        return
+    if not rows:
+        show_warnings([f"{loaded.path}: no grad/encoder_norm and grad/total_norm logged yet"])
+        return
+    emit(rows, list(rows[0]), as_json=False, title=f"Gradient health: {loaded.name}")
+    console.print(
+        f"verdict: {health.health} (ratio {health.ratio:.3f} in the last window), "
+        f"trend {health.trend} ({health.change:+.3f} over the run)",
+        markup=False,
+    )
 
 
 @app.command("act")
-def act_command(run: str) -> None:
-    """ACT behaviour of a run (placeholder)."""
+def act_command(
+    run: Path = typer.Argument(..., help="Run folder (written by `etrm train --out`)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """ACT steps during training: distribution, Q-halt accuracy, and whether steps are stuck."""
+    from etrm.diagnose.act import act_stats, step_range_text
+    from etrm.diagnose.runs import finite_or_none, load_run
+
+    loaded = load_run(run)
+    show_warnings(loaded.warnings)
+    stats = act_stats(loaded)
+    windows = [
+        {
+            "window": w.label,
+            "mean steps": w.mean_steps,
+            "range": step_range_text(w.histogram),
+            "q-halt accuracy": w.q_halt_accuracy,
+        }
+        for w in stats.windows
+    ]
+    halted = sum(stats.histogram)
+    histogram = [
+        {"steps": i + 1, "halted rows": count, "share": count / halted if halted else 0.0}
+        for i, count in enumerate(stats.histogram)
+    ]
+    if as_json:
+        print_json(
+            {
+                "run": loaded.name,
+                "windows": [
+                    {
+                        **w,
+                        "mean steps": finite_or_none(w["mean steps"]),
+                        "q-halt accuracy": finite_or_none(w["q-halt accuracy"]),
+                    }
+                    for w in windows
+                ],
+                "histogram": histogram,
+                "min_steps": stats.min_steps,
+                "max_steps": stats.max_steps,
+                "mean_steps": finite_or_none(stats.mean_steps),
+                "q_halt_accuracy": finite_or_none(stats.q_halt_accuracy),
+                "stuck_at": stats.stuck_at,
+                "warning": stats.warning,
+            }
+        )
+        return
+    if windows:
+        emit(windows, list(windows[0]), as_json=False, title=f"ACT steps: {loaded.name}")
+    if histogram:
+        emit(histogram, list(histogram[0]), as_json=False, title="Steps until halting (whole run)")
+    console.print(
+        f"steps used: {step_range_text(stats.histogram)}, mean {stats.mean_steps:.2f}; "
+        f"q-halt accuracy {stats.q_halt_accuracy:.3f} in the last window",
+        markup=False,
+    )
+    if stats.warning:
+        show_warnings([stats.warning])
+
+
+app.command("checkpoint")(__import__("etrm.diagnose.checkpoint", fromlist=["_"]).checkpoint_command)
