@@ -33,7 +33,9 @@ def test_run_folder_rows_are_split_into_train_eval_and_events(tmp_path):
 def test_rows_after_the_last_evaluation_form_an_unevaluated_window(tmp_path):
     path = make_run(tmp_path, "A", test_em=[0.1])
     with open(path / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": 50, "epoch": 250.0, "grad/encoder_norm": 1.0, "grad/total_norm": 2.0}) + "\n")
+        f.write(
+            json.dumps({"step": 50, "epoch": 250.0, "grad/encoder_norm": 1.0, "grad/total_norm": 2.0}) + "\n"
+        )
     windows = load_run(path).windows()
     assert [(w.end_step, w.evaluated, len(w.rows)) for w in windows] == [(40, True, 4), (50, False, 1)]
 
@@ -46,7 +48,9 @@ def test_truncated_last_line_is_dropped_with_a_warning(tmp_path):
     run = load_run(path)
     assert len(run.train_rows) == len(complete.train_rows) and len(run.eval_rows) == 2
     assert len(run.warnings) == 1
-    assert "truncated" in run.warnings[0] and "line 11" in run.warnings[0] and "metrics.jsonl" in run.warnings[0]
+    assert (
+        "truncated" in run.warnings[0] and "line 11" in run.warnings[0] and "metrics.jsonl" in run.warnings[0]
+    )
 
     cli = etrm("diagnose", "grad-health", str(path))
     assert cli.returncode == 0, cli.stderr
