@@ -271,9 +271,9 @@ def _mask_args(key_mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Te
     return mask, mask.stride(0)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs get full-precision dots (as torch's matmul); half types use tensor cores anyway.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _dot_precision(dtype: torch.dtype) -> str | None:
+    """float32 inputs get full-precision dots, as torch's matmul (no TF32); half types keep the backend default."""
+    return "ieee" if dtype == torch.float32 else None
 
 
 def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> None:

@@ -1,0 +1,409 @@
+"""Fused-kernel speed: Triton vs torch eager vs torch.compile vs Liger-Kernel vs SDPA, forward and forward+backward.
+
+    python benchmarks/bench_kernels.py [--batch 128] [--dtype bf16] [--lk 2000,8000,18000] [--no-record]
+
+Shapes are the model's: rows = batch × 916 tokens at hidden 512 and 1,536 (add_rms_norm,
+swiglu at TRM's inner size, rotary of q and k with 64-wide heads), and the set encoder's
+cross-attention (16 queries, 8 heads of 64, Lk keys with a key mask). Each row gives the
+median time, the effective bandwidth (the bytes the op must move at minimum, the same count
+for every provider) or TFLOP/s, and that as a fraction of the device's measured peak (a large
+copy_ for bandwidth, a large matmul for TFLOP/s). Rows are appended to RESULTS.md.
+
+Without a GPU the script runs every Triton kernel in Triton's CPU interpreter at tiny shapes,
+checks output and gradients against a float64 reference, and times nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must precede the first import of the kernel modules: @triton.jit reads it then.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from etrm.kernels import reference, triton_ops  # noqa: E402
+from etrm.models.layers import RotaryEmbedding, swiglu_inner_size  # noqa: E402
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+HEADING = "## bench_kernels"
+TOKENS = 916  # 900 grid cells + 16 context slots
+EPS = 1e-5
+
+
+@dataclass
+class Case:
+    """One op at one shape: its inputs, the providers that compute it, and the work it must do."""
+
+    op: str
+    size: str
+    inputs: list[torch.Tensor]
+    providers: dict[str, Callable[..., torch.Tensor]]
+    bytes_fwd: int
+    bytes_bwd: int
+    flops_fwd: int = 0
+    flops_bwd: int = 0
+    notes: dict[str, str] = field(default_factory=dict)
+    inputs_by_provider: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+
+def liger_providers() -> dict[str, Callable]:
+    """Liger-Kernel's peers of our ops, when it is installed (it is not a dependency)."""
+    try:
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+        from liger_kernel.transformers.fused_add_rms_norm import LigerFusedAddRMSNorm
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    except Exception:
+        return {}
+    norms: dict[int, torch.nn.Module] = {}
+
+    def add_rms_norm(x, residual):
+        norm = norms.setdefault(x.shape[-1], LigerFusedAddRMSNorm(x.shape[-1], eps=EPS).to(x.device, x.dtype))
+        out = norm(x, residual)
+        return out[0] if isinstance(out, tuple) else out
+
+    def rotary_qk(cos, sin):
+        # Liger wants heads before positions; the tensors are made in that layout for it.
+        def rotate(q, k):
+            q_rot, k_rot = liger_rotary_pos_emb(q, k, cos[None], sin[None])
+            return q_rot + k_rot
+
+        return rotate
+
+    return {"add_rms_norm": add_rms_norm, "swiglu": LigerSiLUMulFunction.apply, "rotary": rotary_qk}
+
+
+def compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=False)
+
+
+def norm_cases(batch: int, dtype: torch.dtype, device: str, liger: dict) -> list[Case]:
+    cases = []
+    for hidden in (512, 1536):
+        x = torch.randn(batch * TOKENS, hidden, device=device, dtype=dtype)
+        residual = torch.randn_like(x)
+        n_bytes = x.numel() * x.element_size()
+        providers = {
+            "triton": lambda a, b: triton_ops.add_rms_norm(a, b, EPS),
+            "torch": lambda a, b: reference.add_rms_norm(a, b, EPS),
+            "torch.compile": compiled(lambda a, b: reference.add_rms_norm(a, b, EPS)),
+        }
+        if "add_rms_norm" in liger:
+            providers["liger"] = liger["add_rms_norm"]
+        # Forward reads x and residual and writes y; backward reads dy and y and writes dh.
+        cases.append(
+            Case(
+                "add_rms_norm",
+                f"{batch}×{TOKENS}×{hidden}",
+                [x, residual],
+                providers,
+                3 * n_bytes,
+                3 * n_bytes,
+            )
+        )
+    return cases
+
+
+def swiglu_cases(batch: int, dtype: torch.dtype, device: str, liger: dict) -> list[Case]:
+    cases = []
+    for hidden in (512, 1536):
+        inner = swiglu_inner_size(hidden, 4.0)
+        gate = torch.randn(batch * TOKENS, inner, device=device, dtype=dtype)
+        up = torch.randn_like(gate)
+        n_bytes = gate.numel() * gate.element_size()
+        providers = {
+            "triton": triton_ops.swiglu,
+            "torch": reference.swiglu,
+            "torch.compile": compiled(reference.swiglu),
+        }
+        if "swiglu" in liger:
+            providers["liger"] = liger["swiglu"]
+        # Forward reads gate, up and writes y; backward reads dy, gate, up and writes dgate, dup.
+        cases.append(
+            Case("swiglu", f"{batch}×{TOKENS}×{inner}", [gate, up], providers, 3 * n_bytes, 5 * n_bytes)
+        )
+    return cases
+
+
+def rotate_q_and_k(rotary: Callable, cos: torch.Tensor, sin: torch.Tensor) -> Callable:
+    return lambda q, k: rotary(q, cos, sin) + rotary(k, cos, sin)
+
+
+def rotary_cases(batch: int, dtype: torch.dtype, device: str, liger: dict) -> list[Case]:
+    """Rotating q and k of one attention layer, as the model does."""
+    cases = []
+    head_dim = 64
+    for hidden in (512, 1536):
+        heads = hidden // head_dim
+        cos, sin = (t.to(device) for t in RotaryEmbedding(head_dim, TOKENS, 10000.0)())
+        q = torch.randn(batch, TOKENS, heads, head_dim, device=device, dtype=dtype)
+        k = torch.randn_like(q)
+        n_bytes = 2 * q.numel() * q.element_size()
+        providers = {
+            "triton": rotate_q_and_k(triton_ops.apply_rotary, cos, sin),
+            "torch": rotate_q_and_k(reference.apply_rotary, cos, sin),
+            "torch.compile": compiled(rotate_q_and_k(reference.apply_rotary, cos, sin)),
+        }
+        case = Case(
+            "rotary q,k", f"{batch}×{TOKENS}×{heads}×{head_dim}", [q, k], providers, 2 * n_bytes, 2 * n_bytes
+        )
+        if "rotary" in liger:
+            q_heads_first, k_heads_first = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
+            providers["liger"] = liger["rotary"](cos, sin)
+            case.notes["liger"] = "inputs [B,H,S,D]"
+            case.inputs_by_provider["liger"] = [q_heads_first, k_heads_first]
+        cases.append(case)
+    return cases
+
+
+def attention_providers(key_mask: torch.Tensor) -> dict[str, Callable]:
+    def eager(q, k, v):
+        return reference.cross_attention(q, k, v, key_mask)
+
+    def sdpa(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+
+    return {
+        "triton": lambda q, k, v: triton_ops.cross_attention(q, k, v, key_mask),
+        "torch": eager,
+        "torch.compile": compiled(eager),
+        "sdpa+mask": sdpa,
+    }
+
+
+def attention_cases(batch: int, dtype: torch.dtype, device: str, k_lens: list[int]) -> list[Case]:
+    heads, head_dim, q_len = 8, 64, 16
+    cases = []
+    for k_len in k_lens:
+        q = torch.randn(batch, heads, q_len, head_dim, device=device, dtype=dtype)
+        k = torch.randn(batch, heads, k_len, head_dim, device=device, dtype=dtype)
+        v = torch.randn_like(k)
+        # Demo sets of varying size: each sample attends to a random prefix of at least a quarter of the keys.
+        lengths = torch.randint(k_len // 4, k_len + 1, (batch,), device=device)
+        key_mask = torch.arange(k_len, device=device)[None, :] < lengths[:, None]
+        providers = attention_providers(key_mask)
+        kv_bytes = 2 * k.numel() * k.element_size()
+        flops = 4 * batch * heads * q_len * k_len * head_dim
+        # Forward streams K and V once; backward streams them twice (dK/dV pass, dQ pass) and writes dK, dV.
+        cases.append(
+            Case(
+                "cross_attention",
+                f"B{batch} H{heads} Lq{q_len} Lk{k_len} D{head_dim}",
+                [q, k, v],
+                providers,
+                kv_bytes,
+                3 * kv_bytes,
+                flops_fwd=flops,
+                flops_bwd=int(2.5 * flops),
+            )
+        )
+    return cases
+
+
+def measured_peaks(device: str) -> tuple[float, float]:
+    """(copy bandwidth in GB/s counting read + write, bf16 matmul TFLOP/s) measured on this device."""
+    from triton.testing import do_bench
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = do_bench(lambda: dst.copy_(src), quantiles=[0.5])
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    matmul_ms = do_bench(lambda: a @ a, quantiles=[0.5])
+    return 2 * src.numel() / copy_ms / 1e6, 2 * 8192**3 / matmul_ms / 1e9
+
+
+def time_case(case: Case, provider: str, backward: bool) -> float:
+    from triton.testing import do_bench
+
+    fn = case.providers[provider]
+    inputs = case.inputs_by_provider.get(provider, case.inputs)
+    if not backward:
+        with torch.no_grad():
+            return do_bench(lambda: fn(*inputs), quantiles=[0.5])
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    grad = torch.randn_like(fn(*leaves))
+
+    def step():
+        fn(*leaves).backward(grad)
+
+    return do_bench(step, grad_to_none=leaves, quantiles=[0.5])
+
+
+def run_gpu(args, dtype: torch.dtype) -> list[dict]:
+    device = "cuda"
+    bandwidth_peak, flops_peak = measured_peaks(device)
+    console = Console()
+    console.print(f"measured peaks: copy {bandwidth_peak:.0f} GB/s, bf16 matmul {flops_peak:.0f} TFLOP/s")
+    liger = liger_providers()
+    if not liger:
+        console.print("liger-kernel not importable: no Liger column")
+    cases = (
+        norm_cases(args.batch, dtype, device, liger)
+        + swiglu_cases(args.batch, dtype, device, liger)
+        + rotary_cases(args.batch, dtype, device, liger)
+        + attention_cases(args.attn_batch, dtype, device, args.lk)
+    )
+    rows = []
+    for case in cases:
+        for provider in case.providers:
+            for backward in (False, True):
+                try:
+                    ms = time_case(case, provider, backward)
+                except Exception as exc:  # a peer that cannot run this shape is reported, not fatal
+                    rows.append(result_row(case, provider, backward, None, f"failed: {type(exc).__name__}"))
+                    continue
+                n_bytes = case.bytes_fwd + (case.bytes_bwd if backward else 0)
+                flops = case.flops_fwd + (case.flops_bwd if backward else 0)
+                gbps = n_bytes / ms / 1e6
+                throughput = f"{gbps:.0f} GB/s"
+                fraction = f"{gbps / bandwidth_peak:.0%} of copy"
+                if flops:
+                    throughput += f", {flops / ms / 1e9:.1f} TFLOP/s"
+                rows.append(result_row(case, provider, backward, ms, f"{throughput} ({fraction})"))
+        torch.cuda.empty_cache()
+    return rows
+
+
+def result_row(case: Case, provider: str, backward: bool, ms: float | None, value: str) -> dict:
+    note = case.notes.get(provider)
+    return {
+        "op": case.op,
+        "size": case.size,
+        "provider": provider + (f" ({note})" if note else ""),
+        "pass": "fwd+bwd" if backward else "fwd",
+        "ms": "-" if ms is None else f"{ms:.3f}",
+        "value": value,
+    }
+
+
+def run_cpu_check() -> list[dict]:
+    """Interpreter check at tiny shapes: the largest error of the Triton op and of torch float32 vs float64."""
+    torch.manual_seed(0)
+    cos, sin = RotaryEmbedding(32, 7, 10000.0)()
+    key_mask = torch.rand(2, 37) > 0.3
+    key_mask[1] = False
+
+    def rotary(impl, x):
+        table_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return impl.apply_rotary(x, cos.to(table_dtype), sin.to(table_dtype))
+
+    checks = [
+        (
+            "add_rms_norm",
+            "37×53",
+            [torch.randn(37, 53), torch.randn(37, 53)],
+            lambda impl, x, r: impl.add_rms_norm(x, r, EPS),
+        ),
+        ("swiglu", "29×70", [torch.randn(29, 70), torch.randn(29, 70)], lambda impl, g, u: impl.swiglu(g, u)),
+        ("rotary", "2×7×3×32", [torch.randn(2, 7, 3, 32)], rotary),
+        (
+            "cross_attention",
+            "B2 H2 Lq16 Lk37 D32 (one sample fully masked)",
+            [torch.randn(2, 2, 16, 32), torch.randn(2, 2, 37, 32), torch.randn(2, 2, 37, 32)],
+            lambda impl, q, k, v: impl.cross_attention(q, k, v, key_mask),
+        ),
+    ]
+    rows = []
+    for op, size, inputs, call in checks:
+        results = {}
+        for label, impl, dtype in (
+            ("triton", triton_ops, torch.float32),
+            ("torch", reference, torch.float32),
+            ("float64", reference, torch.float64),
+        ):
+            leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+            out = call(impl, *leaves)
+            out.backward(torch.ones_like(out))
+            results[label] = [out.detach(), *(t.grad for t in leaves)]
+        errors = {}
+        for label in ("triton", "torch"):
+            pairs = zip(results[label], results["float64"], strict=True)
+            errors[label] = max((got.double() - exact).abs().max().item() for got, exact in pairs)
+            value = f"max abs err vs float64 {errors[label]:.1e}"
+            rows.append(
+                {"op": op, "size": size, "provider": label, "pass": "fwd+bwd", "ms": "-", "value": value}
+            )
+        if errors["triton"] > 2 * errors["torch"] + 2e-6:
+            raise SystemExit(
+                f"{op}: Triton error {errors['triton']:.1e} exceeds twice torch's {errors['torch']:.1e}"
+            )
+    return rows
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"CPU only ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}"
+
+
+def append_results(rows: list[dict], machine_description: str) -> None:
+    """Add rows under this benchmark's heading in RESULTS.md, leaving other sections untouched."""
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    new_lines = [
+        f"| {date} | {machine_description} | {r['op']} | {r['size']} | {r['provider']} | {r['pass']} | {r['ms']} | {r['value']} |"
+        for r in rows
+    ]
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    lines = text.rstrip("\n").split("\n")
+    if HEADING not in lines:
+        lines += [
+            "",
+            HEADING,
+            "",
+            "Rows from a machine without CUDA are Triton-interpreter correctness checks, not timings.",
+            "",
+            "| date | machine | op | size | provider | pass | ms | value |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        end = len(lines)
+    else:
+        end = lines.index(HEADING) + 1
+        while end < len(lines) and not lines[end].startswith("## "):
+            end += 1
+        while lines[end - 1] == "":
+            end -= 1
+    lines[end:end] = new_lines
+    RESULTS.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128, help="decoder batch (rows = batch × 916)")
+    parser.add_argument("--attn-batch", type=int, default=128, help="set-encoder batch for cross-attention")
+    parser.add_argument("--lk", type=lambda s: [int(x) for x in s.split(",")], default=[2000, 8000, 18000])
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    args = parser.parse_args()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+
+    console = Console()
+    if torch.cuda.is_available():
+        rows = run_gpu(args, dtype)
+        title = f"bench_kernels on {machine()} ({args.dtype})"
+    else:
+        rows = run_cpu_check()
+        title = "bench_kernels: no GPU — correctness check in Triton's interpreter, nothing timed"
+    table = Table(title=title)
+    for column in ("op", "size", "provider", "pass", "ms", "value"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(row[c] for c in ("op", "size", "provider", "pass", "ms", "value")))
+    console.print(table)
+    if not torch.cuda.is_available():
+        console.print("No CUDA device: timed nothing meaningful; GPU figures remain unmeasured.")
+    if not args.no_record:
+        append_results(rows, machine())
+
+
+if __name__ == "__main__":
+    main()
