@@ -1,14 +1,107 @@
-"""`etrm report` and `etrm sweep` (issue 8 builds these out)."""
+"""`etrm report` (compare runs, pick the winner) and `etrm sweep` (the experiment matrices)."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
-sweep_app = typer.Typer(help="Experiment sweeps.", no_args_is_help=True)
+from etrm.console import console, emit, print_json
+from etrm.diagnose.cli import show_warnings
+
+sweep_app = typer.Typer(
+    help="Experiment sweeps: the torchrun commands of a phase's presets.", no_args_is_help=True
+)
+
+
+def report_command(
+    runs: list[Path] = typer.Argument(..., help="Run folders to compare (e.g. runs/SF*)."),
+    out: Path = typer.Option(
+        Path("report"), "--out", help="Folder for report.md, summary.json and the plots."
+    ),
+    title: str = typer.Option("ETRM run comparison", "--title", help="Report title."),
+    data: str = typer.Option(
+        None, "--data", help="Dataset folder for the gallery's demos (default: the runs' data.path)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print summary.json to stdout instead of the table."),
+) -> None:
+    """Compare runs and select the winner by the semi-final rules.
+
+    Rules, in order: eligible only with grad ratio (encoder/total, pre-clip) > 0.15; prefer still
+    improving (positive test-EM slope over the last evaluations) with train/test gap < 15%; highest
+    test EM; within 3 points: fewer parameters, then lower exploration, then better gradient health.
+    """
+    from etrm.report.build import RANKING_COLUMNS, REPORT_FILE, build_report, ranking_rows
+
+    report = build_report(runs, out, title=title, data=data)
+    show_warnings(report.warnings)
+    if as_json:
+        print_json(report.to_json())
+        return
+    emit(ranking_rows(report), RANKING_COLUMNS, as_json=False, title=title)
+    selection = report.selection
+    if selection.winner is None:
+        console.print(f"no winner: {selection.rule_text}", markup=False)
+    else:
+        console.print(f"winner: {selection.winner} — decided by: {selection.rule_text}", markup=False)
+    console.print(f"report: {out / REPORT_FILE}", markup=False)
+
+
+def _sweep(
+    phase: str, nproc: int, out: Path | None, run: bool, runs_dir: str, overrides: list[str], as_json: bool
+):
+    from etrm.io import atomic_write_bytes
+    from etrm.report.sweep import run_jobs, sweep_jobs
+
+    jobs = sweep_jobs(phase, nproc, runs_dir, overrides)
+    if out is not None:
+        atomic_write_bytes(out, "".join(job.command + "\n" for job in jobs).encode())
+        console.print(f"wrote {len(jobs)} commands to {out}", markup=False)
+    elif as_json:
+        print_json(
+            [
+                {"preset": j.preset, "run_name": j.run_name, "project": j.project, "command": j.command}
+                for j in jobs
+            ]
+        )
+    elif not run:
+        for job in jobs:
+            typer.echo(job.command)
+    if run:
+        run_jobs(jobs)
+
+
+NPROC = typer.Option(4, "--nproc", help="Processes (GPUs) per job: torchrun --nproc-per-node.")
+OUT = typer.Option(None, "--out", help="Write the commands to this file, one per line.")
+RUN = typer.Option(False, "--run", help="Run the jobs one after another (stop at the first failure).")
+RUNS_DIR = typer.Option("runs", "--runs-dir", help="Each job writes its run folder under this folder.")
+SET = typer.Option(
+    [], "--set", help="Extra override for every job, e.g. train.init_from=trm.pt (repeatable)."
+)
+JSON = typer.Option(False, "--json", help="Print the jobs as JSON.")
+
+
+@sweep_app.command("semi-final")
+def semi_final_command(
+    nproc: int = NPROC,
+    out: Path = OUT,
+    run: bool = RUN,
+    runs_dir: str = RUNS_DIR,
+    overrides: list[str] = SET,
+    as_json: bool = JSON,
+) -> None:
+    """The six semi-final jobs, SF1–SF6."""
+    _sweep("semi-final", nproc, out, run, runs_dir, overrides, as_json)
 
 
 @sweep_app.command("overfit")
-def overfit_command() -> None:
-    """Overfit sweep commands (placeholder)."""
-
-
-def report_command() -> None:
-    """Compare runs (placeholder)."""
+def overfit_command(
+    nproc: int = NPROC,
+    out: Path = OUT,
+    run: bool = RUN,
+    runs_dir: str = RUNS_DIR,
+    overrides: list[str] = SET,
+    as_json: bool = JSON,
+) -> None:
+    """The overfit jobs on 32 puzzle groups, E1a–E2c."""
+    _sweep("overfit", nproc, out, run, runs_dir, overrides, as_json)

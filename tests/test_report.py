@@ -1,0 +1,172 @@
+"""`etrm report` end to end over hand-made runs: files, valid PNGs, the Markdown, failure analysis."""
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+
+import matplotlib.image
+import numpy as np
+import pytest
+from diagnose_run_folders import grid_results, make_run
+
+from etrm.errors import EtrmError
+from etrm.report.build import build_report
+from etrm.report.failures import Failure, gallery_picks, outcome_matrix, wrong_cell_confusion
+from etrm.report.plots import pareto_frontier
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def etrm(*args):
+    return subprocess.run([sys.executable, "-m", "etrm", *args], capture_output=True, text=True, timeout=120)
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path.name} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    # t1: same shape, one wrong cell (4 → 5); t2: solved; t3: wrong shape.
+    shared = {
+        "t1": ([[1, 2], [3, 4]], [[1, 2], [3, 5]], False),
+        "t2": ([[0]], [[0]], True),
+        "t3": ([[1, 1]], [[2, 2, 2]], False),
+    }
+    winner_results = {**shared, "t3": ([[1, 1]], [[1, 1]], True)}
+    make_run(root, "SF1", test_em=[0.1, 0.2, 0.30], params=7_000_000, results=grid_results(shared))
+    make_run(root, "SF2", test_em=[0.1, 0.2, 0.28], params=6_000_000, results=grid_results(winner_results))
+    make_run(root, "SF3", test_em=[0.1, 0.3, 0.50], ratio=0.1, params=6_000_000)
+    out = root.parent / "report-out"
+    cli = etrm(
+        "report", *(str(root / n) for n in ("SF1", "SF2", "SF3")), "--out", str(out), "--title", "Semi-final"
+    )
+    assert cli.returncode == 0, cli.stderr
+    return out, cli, root
+
+
+def test_report_cli_names_the_winner_and_the_deciding_rule(report_dir):
+    out, cli, _ = report_dir
+    assert "winner: SF2" in cli.stdout and "fewer parameters" in cli.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["selection"]["winner"] == "SF2" and summary["selection"]["rule"] == "params"
+    assert summary["selection"]["ranking"] == ["SF2", "SF1", "SF3"]
+    by_name = {r["name"]: r for r in summary["runs"]}
+    assert by_name["SF3"]["grad_health"] == "warning" and by_name["SF1"]["num_params"] == 7_000_000
+    assert "SF3" in cli.stderr and "no eval/step-N/results.json" in cli.stderr
+
+
+def test_report_markdown_has_every_section_and_plot(report_dir):
+    out, _, _ = report_dir
+    text = (out / "report.md").read_text()
+    assert text.startswith("# Semi-final\n")
+    for heading in (
+        "## Summary",
+        "## Ranking",
+        "## Selection",
+        "## Plots",
+        "## Failure analysis",
+        "## Recommendations",
+    ):
+        assert heading in text
+    assert (
+        "**Selected: SF2**" in text
+        and "Deciding rule: **within 3 points of test EM: fewer parameters**" in text
+    )
+    assert "| 1 | SF2 | 28.0% |" in text
+    assert "SF3 (grad ratio 0.100)" in text  # set aside by eligibility, with its value
+    assert "Puzzles solved within 2 attempts: SF1 1/3, SF2 2/3" in text
+    assert "etrm train --preset final --set arch.encoder_type=hybrid_standard" in text
+    for image in (
+        "test_em",
+        "learning_curves",
+        "grad_health",
+        "train_vs_test",
+        "act_steps",
+        "params_pareto",
+        "outcomes",
+        "confusion",
+        "gallery",
+    ):
+        assert f"]({image}.png)" in text
+
+
+def test_plots_are_valid_pngs_of_sensible_size(report_dir):
+    out, _, _ = report_dir
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 9
+    for png in pngs:
+        width, height = png_size(png)
+        assert 300 <= width <= 4000 and 200 <= height <= 4000, (png.name, width, height)
+        pixels = matplotlib.image.imread(png)
+        assert pixels.shape[:2] == (height, width)
+        assert pixels[..., :3].std() > 0.02, f"{png.name} is blank"
+
+
+def test_report_refuses_to_overwrite_a_folder_that_is_not_a_report(tmp_path, report_dir):
+    out, _, root = report_dir
+    run = root / "SF1"
+    precious = tmp_path / "project"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(EtrmError, match="is not an etrm report folder"):
+        build_report([run], precious)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    earlier = tmp_path / "earlier"
+    shutil.copytree(out, earlier)
+    rebuilt = build_report([run], earlier)  # an earlier report is replaced
+    assert rebuilt.selection.winner == "SF1" and rebuilt.selection.rule == "only_run"
+    assert [r["name"] for r in json.loads((earlier / "summary.json").read_text())["runs"]] == ["SF1"]
+
+
+def test_report_errors_on_empty_folder_and_duplicate_names(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cli = etrm("report", str(empty), "--out", str(tmp_path / "r"))
+    assert cli.returncode == 2 and "empty is not a run folder" in cli.stderr
+    assert not (tmp_path / "r").exists()
+    run = make_run(tmp_path, "A", test_em=[0.1])
+    with pytest.raises(EtrmError, match="run name 'A' appears twice"):
+        build_report([run, run], tmp_path / "r")
+
+
+def test_wrong_cell_confusion_counts_by_hand():
+    target = np.array([[1, 2, 3], [4, 4, 0]])
+    predicted = np.array([[1, 5, 3], [4, 6, 0]])  # 2 → 5 and 4 → 6
+    failed = [
+        Failure("a", 0, target, predicted),
+        Failure("b", 0, np.array([[7, 7]]), np.array([[8, 9]])),  # 7 → 8, 7 → 9
+        Failure("c", 0, np.array([[1]]), np.array([[1, 1]])),  # wrong shape
+        Failure("d", 0, np.array([[1]]), None),  # no grid
+    ]
+    confusion = wrong_cell_confusion(failed)
+    expected = np.zeros((10, 10), dtype=np.int64)
+    expected[2, 5] = expected[4, 6] = expected[7, 8] = expected[7, 9] = 1
+    assert np.array_equal(confusion.counts, expected)
+    assert (confusion.shape_mismatches, confusion.no_prediction) == (1, 1)
+
+
+def test_outcome_matrix_and_gallery_picks():
+    a = grid_results({"p1": ([[1]], [[2]], False), "p2": ([[1]], [[1]], True), "p3": ([[3]], [[4]], False)})
+    b = grid_results({"p1": ([[1]], [[1]], True), "p3": ([[3]], [[4]], False)})
+    outcomes = outcome_matrix({"A": a, "B": b})
+    assert outcomes.puzzles == ["p1", "p2", "p3"]
+    assert np.array_equal(outcomes.solved, np.array([[0, 1, 0], [1, np.nan, 0]]), equal_nan=True)
+    failed = [
+        Failure("p3", 0, np.array([[3]]), np.array([[4]])),
+        Failure("p1", 0, np.array([[1]]), np.array([[2]])),
+    ]
+    picks = gallery_picks(outcomes, "A", failed, limit=2)
+    assert [p.task_id for p in picks] == ["p1", "p3"]  # p1 first: another run solved it
+
+
+def test_pareto_frontier():
+    points = [(3, 20.0), (1, 10.0), (2, 5.0), (3, 15.0), (4, 20.0), (5, 30.0)]
+    assert pareto_frontier(points) == [(1, 10.0), (3, 20.0), (5, 30.0)]
+    assert pareto_frontier([]) == []
