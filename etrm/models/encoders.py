@@ -136,14 +136,3 @@ def build_encoder(arch: ArchConfig) -> nn.Module:
     if arch.encoder_type == "lpn_var":
         return LpnVariationalEncoder(arch)
     raise EtrmError(f"arch.encoder_type={arch.encoder_type!r} is not one of {', '.join(ENCODER_TYPES)}")
-
-
-def encoder_num_parameters(arch: ArchConfig) -> int:
-    """Parameters of the encoder `arch` describes, counted without allocating it (meta device)."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in build_encoder(arch).parameters())
-
-
-def context_rms(context: torch.Tensor) -> float:
-    """Root mean square of the context (logged as `encoder/context_rms` beside the prefix it replaces)."""
-    return context.detach().float().square().mean().sqrt().item()
