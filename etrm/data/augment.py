@@ -1,0 +1,224 @@
+"""Augmentations: the 8 dihedral transforms x permutations of colours 1-9 (0 stays fixed).
+
+A dataset stores each original grid once plus, per puzzle, a table of
+(dihedral id, colour permutation) rows. Batches are augmented on the fly with
+precomputed index tables over the 900 canvas positions and a per-row colour
+lookup table, so no augmented copy is ever written to disk.
+
+Dihedral id d = 4*f + k: flip left-right when f = 1, then rotate k quarter turns
+counter-clockwise (np.rot90). Rotations invert by turning back; the four
+reflections are their own inverses.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import math
+
+import numpy as np
+
+from etrm.data.encoding import CANVAS, COLOR_OFFSET, EOS_TOKEN, PAD_TOKEN, SEQ_LEN
+
+NUM_DIHEDRAL = 8
+DIHEDRAL_INVERSE = np.array([0, 3, 2, 1, 4, 5, 6, 7], dtype=np.uint8)
+NUM_COLORS = 10
+# Canvases are extended by two cells so that an index table can point at a PAD or an EOS.
+PAD_SLOT = SEQ_LEN
+EOS_SLOT = SEQ_LEN + 1
+# Enumerate a puzzle's whole augmentation space when it is at most this many times num_aug.
+_ENUMERATE_FACTOR = 4
+
+
+def apply_dihedral(grid: np.ndarray, dihedral: int) -> np.ndarray:
+    """Transform the last two axes (one grid [h, w] or a stack [..., h, w])."""
+    if dihedral >= 4:
+        grid = np.flip(grid, axis=-1)
+    return np.rot90(grid, dihedral % 4, axes=(-2, -1))
+
+
+def augment_grid(grid: np.ndarray, dihedral: int, colors: np.ndarray) -> np.ndarray:
+    """Transform then recolour: colors[c] is the new colour of colour c."""
+    return np.asarray(colors)[apply_dihedral(np.asarray(grid), int(dihedral))]
+
+
+def invert_grid(grid: np.ndarray, dihedral: int, colors: np.ndarray) -> np.ndarray:
+    """Undo augment_grid (used to map predictions back before voting)."""
+    inverse_colors = np.argsort(np.asarray(colors)).astype(np.asarray(grid).dtype)
+    return apply_dihedral(inverse_colors[np.asarray(grid)], int(DIHEDRAL_INVERSE[int(dihedral)]))
+
+
+def token_lut(colors: np.ndarray) -> np.ndarray:
+    """Token lookup tables [..., 12] for colour permutations [..., 10]: PAD and EOS stay put."""
+    colors = np.asarray(colors, dtype=np.uint8)
+    fixed = np.broadcast_to(np.array([PAD_TOKEN, EOS_TOKEN], np.uint8), colors.shape[:-1] + (2,))
+    return np.concatenate([fixed, colors + COLOR_OFFSET], axis=-1)
+
+
+@functools.cache
+def dihedral_index_tables() -> np.ndarray:
+    """tables[d, h, w] [900]: for each output canvas cell, its source in an extended input canvas.
+
+    The source is a cell of the original h x w grid's canvas, PAD_SLOT or EOS_SLOT, so one
+    gather rebuilds the transformed grid together with its EOS row and column.
+    """
+    tables = np.full((NUM_DIHEDRAL, CANVAS + 1, CANVAS + 1, SEQ_LEN), PAD_SLOT, dtype=np.int16)
+    canvas_position = np.arange(SEQ_LEN, dtype=np.int16).reshape(CANVAS, CANVAS)
+    for height in range(1, CANVAS + 1):
+        for width in range(1, CANVAS + 1):
+            source = canvas_position[:height, :width]
+            for dihedral in range(NUM_DIHEDRAL):
+                moved = apply_dihedral(source, dihedral)
+                out_h, out_w = moved.shape
+                table = tables[dihedral, height, width].reshape(CANVAS, CANVAS)
+                table[:out_h, :out_w] = moved
+                if out_h < CANVAS:
+                    table[out_h, :out_w] = EOS_SLOT
+                if out_w < CANVAS:
+                    table[:out_h, out_w] = EOS_SLOT
+    tables.setflags(write=False)
+    return tables
+
+
+@functools.cache
+def translation_tables() -> np.ndarray:
+    """tables[r, c] [900]: source cell of an untranslated canvas shifted down r and right c (PAD_SLOT if none)."""
+    rows, cols = np.divmod(np.arange(SEQ_LEN), CANVAS)
+    tables = np.full((CANVAS, CANVAS, SEQ_LEN), PAD_SLOT, dtype=np.int16)
+    for dr in range(CANVAS):
+        for dc in range(CANVAS):
+            inside = (rows >= dr) & (cols >= dc)
+            tables[dr, dc, inside] = (rows[inside] - dr) * CANVAS + (cols[inside] - dc)
+    tables.setflags(write=False)
+    return tables
+
+
+def transformed_shapes(shapes: np.ndarray, dihedral: np.ndarray) -> np.ndarray:
+    """Grid shapes [n, 2] after the dihedral transforms (odd quarter turns swap the sides)."""
+    swap = (np.asarray(dihedral) % 2 == 1)[:, None]
+    return np.where(swap, shapes[:, ::-1], shapes)
+
+
+def all_dihedral_canvases(tokens: np.ndarray, shapes: np.ndarray) -> np.ndarray:
+    """Token canvases [N, 8, 900] (uint8) of every stored grid under every dihedral transform.
+
+    Precomputing the 8 transforms (8 x 900 bytes per grid) turns augmenting a batch
+    into a row lookup plus a per-row colour lookup table.
+    """
+    extended = np.concatenate(
+        [tokens, np.tile(np.array([PAD_TOKEN, EOS_TOKEN], np.uint8), (len(tokens), 1))], axis=1
+    )
+    tables = dihedral_index_tables()
+    rows = np.arange(len(tokens))[:, None]
+    heights, widths = shapes[:, 0], shapes[:, 1]
+    return np.stack([extended[rows, tables[d, heights, widths]] for d in range(NUM_DIHEDRAL)], axis=1)
+
+
+def translate_canvases(canvases: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Shift canvases [n, 900] down/right by offsets [n, 2], filling with PAD (TRM's translation)."""
+    padded = np.concatenate([canvases, np.full((len(canvases), 1), PAD_TOKEN, canvases.dtype)], axis=1)
+    shift = translation_tables()[offsets[:, 0], offsets[:, 1]]
+    return np.take_along_axis(padded, shift.astype(np.intp), axis=1)
+
+
+def task_seed(seed: int, task_id: str) -> list[int]:
+    """A per-task RNG seed that does not depend on which other tasks are in the build."""
+    return [seed, int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:8], "little")]
+
+
+def sample_augmentations(grids: list[np.ndarray], num_aug: int, rng: np.random.Generator):
+    """Up to num_aug augmentations giving pairwise distinct versions of a puzzle; identity first.
+
+    Two augmentations are the same when they produce the same augmented puzzle. The
+    8 transformed puzzles are grouped into classes that differ only by a relabelling
+    of colours; an augmentation's content is then fixed by (class, where its
+    permutation sends the puzzle's colours), which makes deduplication exact and cheap.
+    Returns (dihedral uint8 [A], colors uint8 [A, 10]).
+    """
+    used = np.unique(np.concatenate([g.ravel() for g in grids]))
+    used = used[used != 0]
+    class_of, relabel = _symmetry_classes(grids)
+    num_classes = len(set(class_of.tolist()))
+    space = num_classes * math.perm(NUM_COLORS - 1, len(used))
+    identity = np.arange(NUM_COLORS, dtype=np.uint8)
+
+    if space <= _ENUMERATE_FACTOR * num_aug:
+        dihedral, colors = _enumerate_space(sorted(set(class_of.tolist())), used)
+        order = np.concatenate([[0], 1 + rng.permutation(len(dihedral) - 1)])[:num_aug]
+        return dihedral[order], colors[order]
+
+    dihedral = np.zeros(1, np.uint8)
+    colors = identity[None]
+    while True:
+        draws = 2 * num_aug
+        new_dihedral = rng.integers(0, NUM_DIHEDRAL, draws).astype(np.uint8)
+        new_colors = np.zeros((draws, NUM_COLORS), np.uint8)
+        new_colors[:, 1:] = np.argsort(rng.random((draws, NUM_COLORS - 1)), axis=1) + 1
+        dihedral = np.concatenate([dihedral, new_dihedral])
+        colors = np.concatenate([colors, new_colors])
+        keys = np.concatenate(
+            [class_of[dihedral][:, None], np.take_along_axis(colors, relabel[dihedral][:, used], axis=1)],
+            axis=1,
+        )
+        _, first = np.unique(keys, axis=0, return_index=True)
+        if len(first) >= num_aug:
+            keep = np.sort(first)[:num_aug]
+            return dihedral[keep], colors[keep]
+
+
+def _symmetry_classes(grids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """class_of[d]: first transform whose puzzle equals transform d's up to a colour relabelling q;
+    relabel[d] [10]: that q (transform d's puzzle = q applied to class_of[d]'s puzzle)."""
+    shapes = []
+    cells = []
+    for dihedral in range(NUM_DIHEDRAL):
+        moved = [apply_dihedral(g, dihedral) for g in grids]
+        shapes.append(tuple(m.shape for m in moved))
+        cells.append(np.concatenate([m.ravel() for m in moved]).astype(np.int64))
+    class_of = np.arange(NUM_DIHEDRAL)
+    relabel = np.tile(np.arange(NUM_COLORS, dtype=np.intp), (NUM_DIHEDRAL, 1))
+    for dihedral in range(1, NUM_DIHEDRAL):
+        for representative in range(dihedral):
+            if class_of[representative] != representative or shapes[representative] != shapes[dihedral]:
+                continue
+            mapping = _colour_bijection(cells[representative], cells[dihedral])
+            if mapping is not None:
+                class_of[dihedral] = representative
+                relabel[dihedral] = mapping
+                break
+    return class_of, relabel
+
+
+def _colour_bijection(source: np.ndarray, target: np.ndarray) -> np.ndarray | None:
+    """The permutation q with q[source] == target cell by cell and q[0] == 0, or None."""
+    links = np.unique(source * NUM_COLORS + target)
+    from_colour, to_colour = np.divmod(links, NUM_COLORS)
+    if len(np.unique(from_colour)) != len(links) or len(np.unique(to_colour)) != len(links):
+        return None
+    if np.any((from_colour == 0) != (to_colour == 0)):
+        return None
+    mapping = np.arange(NUM_COLORS, dtype=np.intp)
+    mapping[from_colour] = to_colour
+    return mapping
+
+
+def _enumerate_space(classes: list[int], used: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every distinct augmentation: one representative transform per class x every placement
+    of the used colours (other colours fill the free values in increasing order); identity first."""
+    placements = np.array(list(itertools.permutations(range(1, NUM_COLORS), len(used))), dtype=np.uint8)
+    placements = placements.reshape(len(placements), len(used))
+    taken = np.zeros((len(placements), NUM_COLORS), bool)
+    np.put_along_axis(taken, placements.astype(np.intp), True, axis=1)
+    taken[:, 0] = True
+    free_values = np.nonzero(~taken)[1].reshape(len(placements), -1)
+    free_colours = np.setdiff1d(np.arange(1, NUM_COLORS), used)
+    colors = np.zeros((len(placements), NUM_COLORS), np.uint8)
+    colors[:, used] = placements
+    colors[:, free_colours] = free_values
+    all_colors = np.tile(colors, (len(classes), 1))
+    all_dihedral = np.repeat(np.array(classes, np.uint8), len(placements))
+    # The identity placement comes first among the placements of class 0 (= identity transform).
+    identity_row = int(np.nonzero((colors == np.arange(NUM_COLORS)).all(axis=1))[0][0])
+    order = np.concatenate([[identity_row], np.delete(np.arange(len(all_colors)), identity_row)])
+    return all_dihedral[order], all_colors[order]

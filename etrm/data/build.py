@@ -1,0 +1,313 @@
+"""`etrm data build`: sources -> a few-shot dataset folder (or TRM's own split, labelled as such).
+
+Layout of the folder (all arrays .npy, tokens in TRM's encoding):
+
+    manifest.json              format version, split kind, sources + checksums, seed, num_aug,
+                               counts, dropped puzzles, sha256 of every other file
+    {train,test}/puzzles.json  [{"id", "source"}] per group (one original puzzle)
+    {train,test}/tokens.npy    uint8 [2 * pairs, 900]: pair i = rows 2i (input), 2i+1 (output)
+    {train,test}/shapes.npy    uint8 [2 * pairs, 2]: (height, width) of each grid
+    {train,test}/pair_offsets.npy   int64 [groups + 1]: pairs of group g
+    {train,test}/num_demos.npy      int64 [groups]: the first num_demos pairs are demos, the rest queries
+    {train,test}/aug_offsets.npy    int64 [groups + 1]: augmentation rows of group g
+    {train,test}/aug_dihedral.npy   uint8 [augs]
+    {train,test}/aug_colors.npy     uint8 [augs, 10]
+    {train,test}/puzzle_identifiers.npy  int32 [augs]: baseline id of (group, aug); 0 = blank
+
+Nothing depends on time, paths or the order of dict iteration, so the same sources
+and seed give byte-identical folders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from etrm import __version__
+from etrm.data.augment import (
+    NUM_DIHEDRAL,
+    apply_dihedral,
+    sample_augmentations,
+    task_seed,
+)
+from etrm.data.encoding import encode_grid
+from etrm.data.sources import ArcTask, Source, load_source
+from etrm.errors import EtrmError
+from etrm.io import atomic_dir, atomic_write_bytes, atomic_write_json
+
+FORMAT_VERSION = 1
+SPLIT_NAMES = ("train", "test")
+SPLIT_KINDS = ("fewshot", "trm")
+# `--source NAME` shorthands: (training specs, test specs).
+SOURCE_PRESETS = {
+    "arc-agi-1": (["arc-agi-1-train"], ["arc-agi-1-eval"]),
+    "arc-agi-2": (["arc-agi-2-train"], ["arc-agi-2-eval"]),
+}
+SPLIT_FILES = (
+    "puzzles.json",
+    "tokens.npy",
+    "shapes.npy",
+    "pair_offsets.npy",
+    "num_demos.npy",
+    "aug_offsets.npy",
+    "aug_dihedral.npy",
+    "aug_colors.npy",
+    "puzzle_identifiers.npy",
+)
+
+
+@dataclass
+class BuildOptions:
+    train_sources: list[str]
+    test_sources: list[str]
+    out: Path
+    num_aug: int = 1000
+    seed: int = 0
+    split: str = "fewshot"
+    strict: bool = False
+    max_puzzles: int = 0  # per side, 0 = all (for quick experiments)
+    overwrite: bool = False
+
+
+@dataclass
+class _Group:
+    """A puzzle as stored in one split: which pairs are demos and which are queries."""
+
+    task: ArcTask
+    demos: list
+    queries: list
+    dihedral: np.ndarray = field(default=None)
+    colors: np.ndarray = field(default=None)
+
+
+def build_dataset(options: BuildOptions, progress=None) -> dict:
+    """Load, validate, guard against leakage, augment and write the dataset; returns the manifest."""
+    if options.split not in SPLIT_KINDS:
+        raise EtrmError(f"--split {options.split!r}: choose one of {', '.join(SPLIT_KINDS)}")
+    if options.num_aug < 1:
+        raise EtrmError(f"--num-aug {options.num_aug}: need at least 1 (augmentation 0 is the identity)")
+    if not options.train_sources or not options.test_sources:
+        raise EtrmError("need at least one training source and one test source")
+    out = Path(options.out)
+    if out.exists() and not options.overwrite:
+        raise EtrmError(f"--out {out}: already exists (pass --overwrite to replace it)")
+
+    sources = {"train": [], "test": []}
+    specs = [("train", s) for s in options.train_sources] + [("test", s) for s in options.test_sources]
+    load_task = _progress_task(progress, "loading sources", len(specs))
+    for side, spec in specs:
+        sources[side].append(load_source(spec))
+        _advance(progress, load_task)
+
+    train_tasks, train_duplicates = _unique_tasks(sources["train"])
+    test_tasks, test_duplicates = _unique_tasks(sources["test"])
+    if options.max_puzzles:
+        train_tasks, test_tasks = train_tasks[: options.max_puzzles], test_tasks[: options.max_puzzles]
+
+    leaked: list[dict] = []
+    if options.split == "fewshot":
+        train_tasks, leaked = _drop_leaked(train_tasks, test_tasks)
+        if leaked and options.strict:
+            listing = "; ".join(
+                f"{d['task']} ({d['source']}) ~ test {', '.join(d['matches'])}" for d in leaked
+            )
+            raise EtrmError(
+                f"--strict: {len(leaked)} training puzzles share grid pairs with test puzzles: {listing}"
+            )
+        train_groups = [_Group(t, t.demos, t.queries) for t in train_tasks]
+    else:
+        # TRM's split: test puzzles' demos are trained on, under the test puzzles' own ids.
+        test_ids = {t.task_id for t in test_tasks}
+        train_duplicates += [
+            {"task": t.task_id, "source": t.source, "kept_from": "test side"}
+            for t in train_tasks
+            if t.task_id in test_ids
+        ]
+        train_tasks = [t for t in train_tasks if t.task_id not in test_ids]
+        train_groups = [_Group(t, t.demos, t.queries) for t in train_tasks]
+        train_groups += [_Group(t, t.demos, []) for t in test_tasks]
+    test_groups = [_Group(t, t.demos, t.queries) for t in test_tasks]
+    if not train_groups or not test_groups:
+        raise EtrmError("nothing left to build: a side has no puzzles (after the leakage guard)")
+
+    aug_task = _progress_task(progress, "augmenting", len(train_tasks) + len(test_tasks))
+    # One table per task, from all its pairs: under --split trm a test puzzle's train-side demos
+    # group shares its augmentations (and so its identifiers) with the test group.
+    tables = {}
+    for task in train_tasks + test_tasks:
+        rng = np.random.default_rng(task_seed(options.seed, task.task_id))
+        grids = [grid for pair in task.pairs for grid in pair]
+        tables[id(task)] = sample_augmentations(grids, options.num_aug, rng)
+        _advance(progress, aug_task)
+    for group in train_groups + test_groups:
+        group.dihedral, group.colors = tables[id(group.task)]
+
+    arrays = {"train": _split_arrays(train_groups, first_identifier=1)}
+    arrays["test"] = _split_arrays(test_groups, first_identifier=None)
+    if options.split == "trm":
+        train_ids = {g.task.task_id: i for i, g in enumerate(train_groups)}
+        arrays["test"]["puzzle_identifiers.npy"] = _shared_identifiers(
+            test_groups, train_groups, train_ids, arrays["train"]
+        )
+    num_identifiers = 1 + len(arrays["train"]["puzzle_identifiers.npy"])
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "etrm_version": __version__,
+        "fewshot": options.split == "fewshot",
+        "split": options.split,
+        "sources": {side: [s.describe() for s in sources[side]] for side in SPLIT_NAMES},
+        "seed": options.seed,
+        "num_aug": options.num_aug,
+        "max_puzzles": options.max_puzzles,
+        "counts": {
+            side: _counts(groups) for side, groups in (("train", train_groups), ("test", test_groups))
+        },
+        "dropped_for_leakage": leaked,
+        "dropped_duplicates": train_duplicates + test_duplicates,
+        "num_puzzle_identifiers": num_identifiers,
+        "files": {},
+    }
+    write_task = _progress_task(progress, "writing", 2 * len(SPLIT_FILES) + 1)
+    with atomic_dir(out, overwrite=options.overwrite) as tmp:
+        for side in SPLIT_NAMES:
+            (tmp / side).mkdir()
+            for name in SPLIT_FILES:
+                payload = arrays[side][name]
+                data = payload if isinstance(payload, bytes) else _npy_bytes(payload)
+                atomic_write_bytes(tmp / side / name, data)
+                manifest["files"][f"{side}/{name}"] = hashlib.sha256(data).hexdigest()
+                _advance(progress, write_task)
+        atomic_write_json(tmp / "manifest.json", manifest)
+        _advance(progress, write_task)
+    return manifest
+
+
+def resolve_sources(source: str | None, train: list[str], test: list[str]) -> tuple[list[str], list[str]]:
+    """Explicit --train-source/--test-source override the --source shorthand side by side."""
+    if source is not None and source not in SOURCE_PRESETS:
+        raise EtrmError(
+            f"--source {source!r}: choose one of {', '.join(SOURCE_PRESETS)} (or use --train-source/--test-source)"
+        )
+    preset_train, preset_test = SOURCE_PRESETS[source or "arc-agi-1"]
+    return (list(train) or preset_train, list(test) or preset_test)
+
+
+def pair_key(input_grid: np.ndarray, output_grid: np.ndarray) -> bytes:
+    """A hash of a grid pair that is the same for every rotation, reflection and colour permutation
+    of it, so that an augmented copy of a test pair is caught too."""
+    best = None
+    for dihedral in range(NUM_DIHEDRAL):
+        moved = [np.ascontiguousarray(apply_dihedral(g, dihedral)) for g in (input_grid, output_grid)]
+        cells = np.concatenate([m.ravel() for m in moved])
+        # Relabel non-zero colours by order of first appearance (0 stays 0).
+        values, first = np.unique(cells, return_index=True)
+        order = values[np.argsort(first)]
+        relabel = np.zeros(10, np.uint8)
+        nonzero = order[order != 0]
+        relabel[nonzero] = np.arange(1, len(nonzero) + 1)
+        canonical = b"".join(bytes(m.shape) + relabel[m].tobytes() for m in moved)
+        if best is None or canonical < best:
+            best = canonical
+    return hashlib.sha256(best).digest()
+
+
+def _unique_tasks(sources: list[Source]) -> tuple[list[ArcTask], list[dict]]:
+    """Tasks of one side in source order; a task id already seen on that side is dropped."""
+    seen: dict[str, str] = {}
+    tasks, duplicates = [], []
+    for source in sources:
+        for task in source.tasks:
+            if task.task_id in seen:
+                duplicates.append(
+                    {"task": task.task_id, "source": source.spec, "kept_from": seen[task.task_id]}
+                )
+                continue
+            seen[task.task_id] = source.spec
+            tasks.append(task)
+    return tasks, duplicates
+
+
+def _drop_leaked(train_tasks: list[ArcTask], test_tasks: list[ArcTask]) -> tuple[list[ArcTask], list[dict]]:
+    test_keys: dict[bytes, set[str]] = {}
+    for task in test_tasks:
+        for pair in task.pairs:
+            test_keys.setdefault(pair_key(*pair), set()).add(task.task_id)
+    kept, leaked = [], []
+    for task in train_tasks:
+        matches = set()
+        for pair in task.pairs:
+            matches |= test_keys.get(pair_key(*pair), set())
+        if matches:
+            leaked.append({"task": task.task_id, "source": task.source, "matches": sorted(matches)})
+        else:
+            kept.append(task)
+    return kept, leaked
+
+
+def _split_arrays(groups: list[_Group], first_identifier: int | None) -> dict:
+    pairs = [pair for g in groups for pair in g.demos + g.queries]
+    grids = [grid for pair in pairs for grid in pair]
+    aug_counts = np.array([len(g.dihedral) for g in groups], np.int64)
+    num_augs = int(aug_counts.sum())
+    if first_identifier is None:
+        identifiers = np.zeros(num_augs, np.int32)
+    else:
+        identifiers = np.arange(first_identifier, first_identifier + num_augs, dtype=np.int32)
+    puzzles = [{"id": g.task.task_id, "source": g.task.source} for g in groups]
+    return {
+        "puzzles.json": (json.dumps(puzzles, indent=0) + "\n").encode(),
+        "tokens.npy": np.stack([encode_grid(grid) for grid in grids]),
+        "shapes.npy": np.array([grid.shape for grid in grids], np.uint8),
+        "pair_offsets.npy": np.concatenate(
+            [[0], np.cumsum([len(g.demos) + len(g.queries) for g in groups])]
+        ).astype(np.int64),
+        "num_demos.npy": np.array([len(g.demos) for g in groups], np.int64),
+        "aug_offsets.npy": np.concatenate([[0], np.cumsum(aug_counts)]).astype(np.int64),
+        "aug_dihedral.npy": np.concatenate([g.dihedral for g in groups]).astype(np.uint8),
+        "aug_colors.npy": np.concatenate([g.colors for g in groups]).astype(np.uint8),
+        "puzzle_identifiers.npy": identifiers,
+    }
+
+
+def _shared_identifiers(test_groups, train_groups, train_index, train_arrays) -> np.ndarray:
+    """TRM split: a test puzzle's (aug a) uses the id its demos were trained under."""
+    offsets = train_arrays["aug_offsets.npy"]
+    ids = train_arrays["puzzle_identifiers.npy"]
+    return np.concatenate(
+        [
+            ids[offsets[train_index[g.task.task_id]] : offsets[train_index[g.task.task_id] + 1]]
+            for g in test_groups
+        ]
+    ).astype(np.int32)
+
+
+def _counts(groups: list[_Group]) -> dict:
+    return {
+        "puzzles": len(groups),
+        "pairs": sum(len(g.demos) + len(g.queries) for g in groups),
+        "demos": sum(len(g.demos) for g in groups),
+        "queries": sum(len(g.queries) for g in groups),
+        "augmentations": sum(len(g.dihedral) for g in groups),
+    }
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _progress_task(progress, description: str, total: int):
+    return None if progress is None else progress.add_task(description, total=total, info="")
+
+
+def _advance(progress, task) -> None:
+    if progress is not None:
+        progress.advance(task)

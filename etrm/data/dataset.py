@@ -1,0 +1,133 @@
+"""Reading a dataset folder written by `etrm data build` (layout in etrm/data/build.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from etrm.data import augment
+from etrm.data.build import FORMAT_VERSION, SPLIT_FILES, SPLIT_NAMES
+from etrm.data.encoding import CANVAS, COLOR_OFFSET
+from etrm.errors import EtrmError
+
+
+class ArcDataset:
+    """A built dataset: its manifest and its train/test splits (loaded on first use)."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = path
+        self.manifest = manifest
+        self._splits: dict[str, Split] = {}
+
+    @classmethod
+    def open(cls, path: str | Path) -> ArcDataset:
+        path = Path(path)
+        manifest_file = path / "manifest.json"
+        if not manifest_file.is_file():
+            raise EtrmError(
+                f"{path}: not a dataset folder (no manifest.json; build one with `etrm data build`)"
+            )
+        try:
+            manifest = json.loads(manifest_file.read_text())
+        except json.JSONDecodeError as e:
+            raise EtrmError(f"{manifest_file}: not valid JSON ({e})") from None
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise EtrmError(f"{manifest_file}: format_version {version!r}, this etrm reads {FORMAT_VERSION}")
+        return cls(path, manifest)
+
+    @property
+    def fewshot(self) -> bool:
+        return bool(self.manifest["fewshot"])
+
+    def split(self, name: str) -> Split:
+        if name not in SPLIT_NAMES:
+            raise EtrmError(f"split {name!r}: choose one of {', '.join(SPLIT_NAMES)}")
+        if name not in self._splits:
+            self._splits[name] = Split.load(self.path / name, name)
+        return self._splits[name]
+
+
+class Split:
+    """One side of a dataset. Groups are original puzzles; pairs and grids are stored once,
+    augmentations as (dihedral, colour permutation) rows applied on demand."""
+
+    def __init__(self, name: str, puzzles: list[dict], arrays: dict[str, np.ndarray]):
+        self.name = name
+        self.puzzle_ids = [p["id"] for p in puzzles]
+        self.puzzle_sources = [p["source"] for p in puzzles]
+        self.tokens = arrays["tokens"]  # uint8 [grids, 900]
+        self.shapes = arrays["shapes"]  # uint8 [grids, 2]
+        self.pair_offsets = arrays["pair_offsets"]  # int64 [groups + 1]
+        self.num_demos = arrays["num_demos"]  # int64 [groups]
+        self.aug_offsets = arrays["aug_offsets"]  # int64 [groups + 1]
+        self.aug_dihedral = arrays["aug_dihedral"]  # uint8 [augs]
+        self.aug_colors = arrays["aug_colors"]  # uint8 [augs, 10]
+        self.puzzle_identifiers = arrays["puzzle_identifiers"]  # int32 [augs]
+        self._index = {task_id: g for g, task_id in enumerate(self.puzzle_ids)}
+
+    @classmethod
+    def load(cls, folder: Path, name: str) -> Split:
+        for file in SPLIT_FILES:
+            if not (folder / file).is_file():
+                raise EtrmError(f"{folder / file}: missing (the dataset folder is incomplete)")
+        puzzles = json.loads((folder / "puzzles.json").read_text())
+        arrays = {
+            file.removesuffix(".npy"): np.load(folder / file, allow_pickle=False)
+            for file in SPLIT_FILES
+            if file.endswith(".npy")
+        }
+        return cls(name, puzzles, arrays)
+
+    def __len__(self) -> int:
+        return len(self.puzzle_ids)
+
+    def group_index(self, task_id: str) -> int:
+        if task_id not in self._index:
+            raise EtrmError(f"task {task_id!r} is not in the {self.name} split")
+        return self._index[task_id]
+
+    def num_pairs(self, g: int) -> int:
+        return int(self.pair_offsets[g + 1] - self.pair_offsets[g])
+
+    def grid(self, row: int) -> np.ndarray:
+        """Stored grid `row` of tokens.npy as colours."""
+        height, width = self.shapes[row]
+        return self.tokens[row].reshape(CANVAS, CANVAS)[:height, :width].astype(np.int64) - COLOR_OFFSET
+
+    def pairs(self, g: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """All pairs of group g, demos first."""
+        first = int(self.pair_offsets[g])
+        return [(self.grid(2 * p), self.grid(2 * p + 1)) for p in range(first, int(self.pair_offsets[g + 1]))]
+
+    def demos(self, g: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        return self.pairs(g)[: int(self.num_demos[g])]
+
+    def queries(self, g: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        return self.pairs(g)[int(self.num_demos[g]) :]
+
+    def num_queries(self, g: int) -> int:
+        return self.num_pairs(g) - int(self.num_demos[g])
+
+    def num_augs(self, g: int) -> int:
+        return int(self.aug_offsets[g + 1] - self.aug_offsets[g])
+
+    def augmentation(self, g: int, a: int) -> tuple[int, np.ndarray]:
+        """(dihedral id, colour permutation [10]) of augmentation a of group g."""
+        if not 0 <= a < self.num_augs(g):
+            raise EtrmError(
+                f"augmentation {a} of {self.puzzle_ids[g]}: it has {self.num_augs(g)} (0-{self.num_augs(g) - 1})"
+            )
+        row = int(self.aug_offsets[g]) + a
+        return int(self.aug_dihedral[row]), self.aug_colors[row]
+
+    def augment_grid(self, grid: np.ndarray, g: int, a: int) -> np.ndarray:
+        return augment.augment_grid(grid, *self.augmentation(g, a))
+
+    def invert_grid(self, grid: np.ndarray, g: int, a: int) -> np.ndarray:
+        return augment.invert_grid(grid, *self.augmentation(g, a))
+
+    def puzzle_identifier(self, g: int, a: int) -> int:
+        return int(self.puzzle_identifiers[int(self.aug_offsets[g]) + a])

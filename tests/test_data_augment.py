@@ -1,0 +1,125 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from etrm.data.augment import (
+    DIHEDRAL_INVERSE,
+    NUM_DIHEDRAL,
+    all_dihedral_canvases,
+    apply_dihedral,
+    augment_grid,
+    invert_grid,
+    sample_augmentations,
+    token_lut,
+    translate_canvases,
+)
+from etrm.data.encoding import encode_grid
+
+ASYMMETRIC = np.array([[1, 2, 3], [4, 5, 6]])
+
+
+def test_eight_distinct_transforms_each_inverted():
+    images = {
+        apply_dihedral(ASYMMETRIC, d).tobytes() + bytes(apply_dihedral(ASYMMETRIC, d).shape) for d in range(8)
+    }
+    assert len(images) == 8
+    for d in range(NUM_DIHEDRAL):
+        back = apply_dihedral(apply_dihedral(ASYMMETRIC, d), int(DIHEDRAL_INVERSE[d]))
+        np.testing.assert_array_equal(back, ASYMMETRIC)
+
+
+def test_dihedral_transforms_compose_within_the_group():
+    def key(grid):
+        return grid.shape, grid.tobytes()
+
+    by_image = {key(apply_dihedral(ASYMMETRIC, d)): d for d in range(8)}
+    for a, b in itertools.product(range(8), repeat=2):
+        assert key(apply_dihedral(apply_dihedral(ASYMMETRIC, a), b)) in by_image
+
+
+def test_known_transforms():
+    np.testing.assert_array_equal(apply_dihedral(ASYMMETRIC, 1), np.rot90(ASYMMETRIC))
+    np.testing.assert_array_equal(apply_dihedral(ASYMMETRIC, 4), ASYMMETRIC[:, ::-1])
+    np.testing.assert_array_equal(apply_dihedral(ASYMMETRIC, 5), ASYMMETRIC.T)  # flip then quarter turn
+
+
+def test_colour_permutation_keeps_zero_and_inverts():
+    rng = np.random.default_rng(0)
+    grid = rng.integers(0, 10, (5, 7))
+    colors = np.concatenate([[0], rng.permutation(9) + 1])
+    for d in range(8):
+        augmented = augment_grid(grid, d, colors)
+        assert ((augmented == 0) == (apply_dihedral(grid, d) == 0)).all()
+        np.testing.assert_array_equal(invert_grid(augmented, d, colors), grid)
+
+
+def test_token_lut_fixes_pad_and_eos():
+    colors = np.array([0, 9, 8, 7, 6, 5, 4, 3, 2, 1])
+    np.testing.assert_array_equal(token_lut(colors), [0, 1, 2, 11, 10, 9, 8, 7, 6, 5, 4, 3])
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (30, 30), (30, 1), (4, 30), (17, 9)])
+def test_canvas_tables_equal_encoding_the_transformed_grid(shape):
+    grid = np.random.default_rng(shape[0]).integers(0, 10, shape)
+    canvases = all_dihedral_canvases(encode_grid(grid)[None], np.array([shape], np.uint8))
+    for d in range(8):
+        np.testing.assert_array_equal(canvases[0, d], encode_grid(apply_dihedral(grid, d)))
+
+
+def test_translation_shifts_grid_with_its_eos():
+    grid = np.array([[1, 2], [3, 4]])
+    shifted = translate_canvases(encode_grid(grid)[None], np.array([[5, 27]]))[0].reshape(30, 30)
+    expected = np.zeros((30, 30), np.uint8)
+    expected[5:7, 27:29] = grid + 2
+    expected[7, 27:29] = 1
+    expected[5:7, 29] = 1
+    np.testing.assert_array_equal(shifted, expected)
+
+
+def brute_force_distinct(grids, dihedral, colors):
+    return {
+        tuple(augment_grid(g, d, c).tobytes() + bytes(apply_dihedral(g, d).shape) for g in grids)
+        for d, c in zip(dihedral, colors, strict=True)
+    }
+
+
+def all_contents(grids):
+    """Every distinct augmented puzzle, by enumerating all 8 x 9! augmentations' effect on the used colours."""
+    used = sorted(set(np.concatenate([g.ravel() for g in grids]).tolist()) - {0})
+    contents = set()
+    for d in range(8):
+        for placement in itertools.permutations(range(1, 10), len(used)):
+            colors = np.arange(10)
+            colors[used] = placement
+            contents.add(
+                tuple(augment_grid(g, d, colors).tobytes() + bytes(apply_dihedral(g, d).shape) for g in grids)
+            )
+    return contents
+
+
+@pytest.mark.parametrize(
+    "grids",
+    [
+        [np.array([[1, 0], [0, 1]]), np.array([[2]])],  # diagonal symmetry, two colours
+        [np.full((3, 3), 4)],  # fully symmetric, one colour: 9 distinct puzzles
+        [np.array([[1, 2], [2, 1]])],  # symmetric up to swapping colours
+        [np.zeros((2, 2), int)],  # only colour 0: a single distinct puzzle
+    ],
+)
+def test_small_puzzles_get_their_whole_distinct_space(grids):
+    dihedral, colors = sample_augmentations(grids, 1000, np.random.default_rng(0))
+    assert len(brute_force_distinct(grids, dihedral, colors)) == len(dihedral) == len(all_contents(grids))
+    assert dihedral[0] == 0 and (colors[0] == np.arange(10)).all()
+
+
+def test_rich_puzzle_gets_exactly_num_aug_distinct_and_is_seeded():
+    grids = [np.random.default_rng(1).integers(0, 10, (6, 5)) for _ in range(3)]
+    dihedral, colors = sample_augmentations(grids, 300, np.random.default_rng(7))
+    assert len(dihedral) == 300 == len(brute_force_distinct(grids, dihedral, colors))
+    assert (colors[:, 0] == 0).all() and (np.sort(colors, axis=1) == np.arange(10)).all()
+    again = sample_augmentations(grids, 300, np.random.default_rng(7))
+    np.testing.assert_array_equal(again[0], dihedral)
+    np.testing.assert_array_equal(again[1], colors)
+    other = sample_augmentations(grids, 300, np.random.default_rng(8))
+    assert not np.array_equal(other[1], colors)
