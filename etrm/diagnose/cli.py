@@ -72,6 +72,63 @@ def grad_health_command(
     )
 
 
+@app.command("encoder")
+def encoder_command(
+    path: Path = typer.Argument(
+        ..., help="Run folder (its latest checkpoint) or a step-N/ checkpoint folder."
+    ),
+    data: str = typer.Option(None, "--data", help="Dataset folder (default: the run's data.path)."),
+    split: str = typer.Option("test", "--split", help="Dataset split whose puzzles are encoded."),
+    puzzles: int = typer.Option(32, "--puzzles", help="How many puzzles (the split's first)."),
+    augs: int = typer.Option(8, "--augs", help="Augmentations per puzzle (0 is the identity)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Episodes per encoder call."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Context spread across puzzles vs across augmentations of one puzzle, per context token.
+
+    within = spread across augmentations of one puzzle; across = spread across puzzles; ratio = within / across.
+    A ratio near 1 (≥ 0.9) means the context does not tell puzzles apart: collapse; so does a constant context.
+    """
+    from etrm.diagnose.encoder_stats import COLLAPSE_RATIO, encoder_stats
+    from etrm.diagnose.runs import finite_or_none
+
+    stats, about = encoder_stats(str(path), data, split, puzzles, augs, batch_size)
+    collapsed = set(stats.collapsed_tokens)
+    rows = [
+        {
+            "token": t,
+            "rms": float(stats.rms[t]),
+            "across puzzles": float(stats.across[t]),
+            "within puzzle": float(stats.within[t]),
+            "ratio": float(stats.ratio[t]),
+            "collapsed": t in collapsed,
+        }
+        for t in range(len(stats.rms))
+    ]
+    if as_json:
+        print_json(
+            {
+                **about,
+                "puzzles": stats.puzzles,
+                "augmentations": stats.augmentations,
+                "tokens": [{**r, "ratio": finite_or_none(r["ratio"])} for r in rows],
+                "ratio": finite_or_none(stats.overall_ratio),
+                "constant": stats.constant,
+                "warning": stats.warning,
+            }
+        )
+        return
+    title = f"Encoder spread: {about['encoder_type']}, step {about['checkpoint_step']}, {stats.puzzles} puzzles × {stats.augmentations} augmentations"
+    emit(rows, list(rows[0]), as_json=False, title=title)
+    console.print(
+        f"overall ratio {stats.overall_ratio:.3f} (within {stats.overall_within:.4g}, "
+        f"across {stats.overall_across:.4g}); collapse at ≥ {COLLAPSE_RATIO}",
+        markup=False,
+    )
+    if stats.warning:
+        show_warnings([stats.warning])
+
+
 @app.command("act")
 def act_command(
     run: Path = typer.Argument(..., help="Run folder (written by `etrm train --out`)."),
