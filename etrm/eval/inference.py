@@ -27,7 +27,7 @@ def evaluate(
     step: int | None = None,
     ks: Sequence[int] = KS,
 ) -> EvalResult:
-    """Score `model` on a dataset split: the first `num_aug` augmentations (0 = all), or the identity alone without `vote`.
+    """Vote and score `model` on a split: first `num_aug` augmentations (0 = all); identity only without `vote`.
 
     `dataset` is an `ArcDataset` or its folder. Each batch starts from a fresh carry and
     runs all `halt_max_steps` ACT steps, so nothing carries over between batches or calls.
