@@ -57,7 +57,10 @@ _register()
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors print one clear line and exit 2, never a traceback."""
     try:
-        app(args=argv, standalone_mode=False)
+        # Outside standalone mode click returns (not raises) a command's `typer.Exit(code)`.
+        exit_code = app(args=argv, standalone_mode=False)
+        if isinstance(exit_code, int) and exit_code:
+            sys.exit(exit_code)
     except EtrmError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         sys.exit(2)
