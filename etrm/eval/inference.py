@@ -69,12 +69,14 @@ def predict(
     if isinstance(dataset, (str, os.PathLike)):
         dataset = ArcDataset.open(dataset)
     data = dataset.split(split)
-    num_tasks = len(data.puzzle_ids)
-    augs = [min(num_aug, data.num_augs(g)) if num_aug else data.num_augs(g) for g in range(num_tasks)]
+    # Puzzles without queries (a TRM-split test puzzle's demos on the train side) have nothing to score.
+    queries = {g: data.queries(g) for g in range(len(data.puzzle_ids))}
+    groups = [g for g, pairs in queries.items() if pairs]
+    task_of_group = {g: task for task, g in enumerate(groups)}
     builder = PredictionsBuilder(
-        list(data.puzzle_ids),
-        [[output for _, output in data.queries(g)] for g in range(num_tasks)],
-        augs,
+        [data.puzzle_ids[g] for g in groups],
+        [[output for _, output in queries[g]] for g in groups],
+        [min(num_aug, data.num_augs(g)) if num_aug else data.num_augs(g) for g in groups],
         meta={"split": split, "fewshot": bool(dataset.manifest.get("fewshot")), "step": step},
     )
     sampler = EpisodeSampler(data, batch_size, mode="eval", max_demos=max_demos, num_aug=num_aug)
@@ -96,7 +98,7 @@ def predict(
                     g, a = int(ids["group_ids"][row]), int(ids["aug_ids"][row])
                     grid = decode_grid(tokens[row])
                     builder.add(
-                        g,
+                        task_of_group[g],
                         int(ids["query_ids"][row]),
                         a,
                         None if grid is None else data.invert_grid(grid, g, a),
