@@ -6,7 +6,10 @@ from pathlib import Path
 
 import typer
 
+from etrm.data.synth_cli import synth_command
+
 app = typer.Typer(help="Build, inspect and verify datasets.", no_args_is_help=True)
+app.command("synth")(synth_command)
 
 SOURCE_HELP = (
     "a named set (arc-agi-1-train, arc-agi-1-eval, arc-agi-2-train, arc-agi-2-eval, shipped in the "
