@@ -2,9 +2,9 @@
 a Gaussian latent and the projection to context tokens.
 
 Demos arrive as TRM tokens on 30×30 canvases (PAD 0 outside the grid). Only present demos are
-encoded, each cropped to the smallest top-left box that holds every non-PAD cell in the batch,
-with the remaining PAD cells masked out of attention: the result for a demo does not depend on
-what else is in the batch, and small puzzles cost a fraction of the full 2×900 tokens.
+encoded, and only their non-PAD cells, padded to the longest demo of the batch and masked out of
+attention: the result for a demo does not depend on what else is in the batch, and small
+puzzles cost a fraction of the full 2×900 tokens.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from etrm import kernels
@@ -19,24 +20,18 @@ from etrm.models.layers import CastedEmbedding, CastedLinear, PostNormBlock, Swi
 
 PAD_TOKEN = 0
 CANVAS_SIDE = 30
+CANVAS_CELLS = CANVAS_SIDE * CANVAS_SIDE
 LOGVAR_LIMIT = 10.0  # keeps exp(log σ²) finite in any dtype; far outside any useful posterior
 
 
-def crop_canvas(tokens: torch.Tensor) -> torch.Tensor:
-    """[N, 900] canvases → [N, R, C]: the top-left box covering every non-PAD cell of the batch (at least 1×1)."""
-    canvas = tokens.view(-1, CANVAS_SIDE, CANVAS_SIDE)
-    used = canvas != PAD_TOKEN
-    used_rows_cols = torch.stack((used.any(dim=2).any(dim=0), used.any(dim=1).any(dim=0)))
-    extent = used_rows_cols * torch.arange(1, CANVAS_SIDE + 1, device=tokens.device)
-    rows, cols = extent.amax(dim=1).clamp(min=1).tolist()
-    return canvas[:, :rows, :cols]
-
-
 class DemoGridEncoder(nn.Module):
-    """One demo (input grid, output grid) → a summary token plus one state per grid cell.
+    """One demo (input grid, output grid) → a summary state plus one state per non-PAD cell.
 
-    Cells are embedded as colour token + row + column + side (input/output); a learned summary
-    token is prepended and is always attendable, so no attention row is ever fully masked.
+    Each demo's non-PAD cells (colours and EOS of both grids) are gathered to the front of its
+    sequence, which is cut at the longest demo of the batch; the tail is masked. A cell is
+    embedded as colour token + row + column + side (input/output), so its position survives
+    the gathering. A learned summary token leads every sequence and is always attendable, so
+    no attention row is ever fully masked.
     """
 
     def __init__(
@@ -54,33 +49,24 @@ class DemoGridEncoder(nn.Module):
             PostNormBlock(width, num_heads, expansion, eps) for _ in range(num_layers)
         )
 
-    def _embed_grid(self, grid: torch.Tensor, side: int) -> torch.Tensor:
-        """[N, R, C] tokens → [N, R·C, width]."""
-        rows, cols = grid.shape[1:]
-        positions = torch.arange(CANVAS_SIDE, device=grid.device)
-        cell = (
-            self.token_embedding(grid)
-            + self.row_embedding(positions[:rows])[:, None, :]
-            + self.col_embedding(positions[:cols])[None, :, :]
-            + self.side_embedding(torch.tensor(side, device=grid.device))
-        )
-        return cell.flatten(1, 2)
-
     def forward(self, inputs: torch.Tensor, outputs: torch.Tensor):
         """inputs, outputs [N, 900] tokens → states [N, S, width] (position 0 = summary), attend [N, S] bool."""
-        inputs, outputs = crop_canvas(inputs), crop_canvas(outputs)
-        n = inputs.shape[0]
-        summary = self.summary_token.expand(n, 1, -1)
-        h = torch.cat((summary, self._embed_grid(inputs, 0), self._embed_grid(outputs, 1)), dim=1)
-        h = h * self.embed_scale
-        attend = torch.cat(
-            (
-                torch.ones(n, 1, dtype=torch.bool, device=inputs.device),
-                inputs.flatten(1) != PAD_TOKEN,
-                outputs.flatten(1) != PAD_TOKEN,
-            ),
-            dim=1,
+        tokens = torch.cat((inputs, outputs), dim=1)
+        is_cell = tokens != PAD_TOKEN
+        longest = max(int(is_cell.sum(dim=1).max().item()), 1)
+        # A demo's cells first (stable: in canvas order, reproducibly); `where` holds their canvas positions.
+        where = torch.argsort((~is_cell).to(torch.uint8), dim=1, stable=True)[:, :longest]
+        cells = tokens.gather(1, where)
+        side, offset = where // CANVAS_CELLS, where % CANVAS_CELLS
+        embedded = (
+            self.token_embedding(cells)
+            + self.row_embedding(offset // CANVAS_SIDE)
+            + self.col_embedding(offset % CANVAS_SIDE)
+            + self.side_embedding(side)
         )
+        summary = self.summary_token.expand(tokens.shape[0], 1, -1)
+        h = torch.cat((summary, embedded), dim=1) * self.embed_scale
+        attend = F.pad(is_cell.gather(1, where), (1, 0), value=True)
         key_mask = attend[:, None, None, :]
         for layer in self.layers:
             h = layer(h, attn_mask=key_mask)
@@ -127,7 +113,8 @@ class GaussianLatent(nn.Module):
         self.mean_logvar = CastedLinear(in_features, 2 * latent_dim, bias=True)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, logvar = self.mean_logvar(x.float()).chunk(2, dim=-1)
+        with torch.autocast(x.device.type, enabled=False):  # KL summed over the latent needs float32
+            mean, logvar = self.mean_logvar(x.float()).chunk(2, dim=-1)
         logvar = logvar.clamp(-LOGVAR_LIMIT, LOGVAR_LIMIT)
         kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum(-1)
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if self.training else mean
