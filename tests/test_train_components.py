@@ -19,7 +19,7 @@ from etrm.train.checkpoint import (
 )
 from etrm.train.ema import EMA
 from etrm.train.metrics import MetricsLogger, read_metrics
-from etrm.train.optim import AdamATan2, SparseSignSGD
+from etrm.train.optim import AdamATan2
 from etrm.train.schedule import lr_factor
 
 
@@ -67,22 +67,6 @@ def test_adam_atan2_pytorch_package_uses_a_different_rule():
     first = -0.1 / 0.1 * torch.atan2(0.1 * g, g.abs())
     torch.testing.assert_close(mine.detach(), first)
     assert not torch.allclose(theirs.detach(), first)
-
-
-def test_sparse_sign_sgd_moves_only_the_rows_in_the_batch():
-    table = torch.arange(15, dtype=torch.float32).view(5, 3).clone()
-    before = table.clone()
-    ids = torch.tensor([1, 3, 1])
-    rows = torch.nn.Parameter(table[ids].clone())
-    rows.grad = torch.tensor([[1.0, -1.0, 2.0], [0.5, 0.5, -0.5], [-3.0, 2.0, -1.0]])
-    opt = SparseSignSGD([{"rows": rows, "ids": ids, "table": table}], lr=0.5, weight_decay=0.1)
-    opt.step()
-    decay = 1 - 0.5 * 0.1
-    # row 1 gets the summed gradient of its two uses: [-2, 1, 1]
-    torch.testing.assert_close(table[1], before[1] * decay - 0.5 * torch.tensor([-1.0, 1.0, 1.0]))
-    torch.testing.assert_close(table[3], before[3] * decay - 0.5 * torch.tensor([1.0, 1.0, -1.0]))
-    for untouched in (0, 2, 4):
-        assert torch.equal(table[untouched], before[untouched])
 
 
 def test_schedule_warmup_then_cosine_to_min_ratio():

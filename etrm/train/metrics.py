@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def _start_wandb(run_dir: Path, cfg: RunConfig):
     import wandb
 
     id_file = run_dir / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id + "\n")
     run = wandb.init(
         project=cfg.logging.project,

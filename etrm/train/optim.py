@@ -58,33 +58,6 @@ class AdamATan2(torch.optim.Optimizer):
         return loss
 
 
-class SparseSignSGD(torch.optim.Optimizer):
-    """TRM's update of its puzzle-embedding table: only the rows used in this step move.
-
-    The module records the ids it looked up and a trainable copy of those rows; after
-    backward (and the gradient all-reduce), rows with the same id have their gradients
-    summed, then `row ← row·(1 − lr·wd) − lr·sign(grad)` is written back into the table.
-    """
-
-    def __init__(self, tables: list[dict], lr: float, weight_decay: float):
-        super().__init__([t["rows"] for t in tables], dict(lr=lr, weight_decay=weight_decay))
-        self.tables = tables
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        lr, wd = self.param_groups[0]["lr"], self.param_groups[0]["weight_decay"]
-        for t in self.tables:
-            rows, ids, table = t["rows"], t["ids"], t["table"]
-            if rows.grad is None or ids is None or ids.numel() == 0:
-                continue
-            unique_ids, slot = torch.unique(ids, return_inverse=True)
-            grad = torch.zeros(unique_ids.shape[0], rows.shape[-1], dtype=rows.grad.dtype, device=rows.device)
-            grad.index_add_(0, slot, rows.grad)
-            updated = table[unique_ids] * (1.0 - lr * wd) - lr * torch.sign(grad)
-            table[unique_ids] = updated.to(table.dtype)
-        return None
-
-
 def parameter_groups(model: nn.Module, train: TrainConfig) -> list[dict]:
     """Encoder and decoder parameters as two groups, each with its base learning rate (encoder LR scaled)."""
     encoder_ids = {id(p) for p in model.encoder.parameters()}
@@ -96,15 +69,11 @@ def parameter_groups(model: nn.Module, train: TrainConfig) -> list[dict]:
     return groups
 
 
-def build_optimizer(
-    model: nn.Module, train: TrainConfig, sparse_params: set[int] = frozenset()
-) -> torch.optim.Optimizer:
-    """AdamATan2 or AdamW over every trainable parameter except those the sparse optimizer owns."""
+def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """AdamATan2 or AdamW over every trainable parameter (the puzzle-id table is a buffer, not among them)."""
     groups = parameter_groups(model, train)
     for g in groups:
-        g["params"] = [p for p in g["params"] if id(p) not in sparse_params]
         g["lr"] = g["base_lr"]
-    groups = [g for g in groups if g["params"]]
     betas = (train.beta1, train.beta2)
     if train.optimizer == "adam_atan2":
         return AdamATan2(groups, lr=train.lr, betas=betas, weight_decay=train.weight_decay)

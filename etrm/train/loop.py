@@ -1,0 +1,662 @@
+"""The ACT training loop: one optimizer step per ACT step, the carry persisting across batches (as TRM).
+
+`train(cfg, out_dir)` is the library entry point (`etrm train` and `etrm quickstart` call it).
+Per step: the loss head advances every row of the carry by one ACT step (halted rows take the
+next batch's rows), gradients are summed over ranks, measured (encoder / decoder / total norm),
+clipped, and the optimizer steps; the puzzle-id table (TRM baseline) gets its sparse sign-SGD
+update. Everything a resumed run needs to continue bit for bit goes into each checkpoint.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from etrm import __version__
+from etrm.config import RunConfig, config_to_dict, load_config
+from etrm.console import make_progress
+from etrm.errors import EtrmError
+from etrm.io import atomic_write_json
+from etrm.train import checkpoint as ckpt_io
+from etrm.train.distributed import (
+    DistContext,
+    all_reduce_grads_,
+    all_reduce_sum_,
+    barrier,
+    broadcast_from_main,
+    broadcast_parameters_,
+    gather_to_main,
+    init_distributed,
+    shutdown,
+)
+from etrm.train.ema import EMA
+from etrm.train.metrics import MetricsLogger
+from etrm.train.optim import build_optimizer
+from etrm.train.schedule import lr_factor
+
+# Config keys a resumed run may change; anything else would make the saved state meaningless.
+RESUMABLE_CHANGES = (
+    "train.epochs",
+    "train.max_steps",
+    "train.max_minutes",
+    "train.eval_interval",
+    "train.eval_num_aug",
+    "train.checkpoint_interval",
+    "train.keep_checkpoints",
+    "train.spike_factor",
+    "data.path",
+    "data.num_workers",
+    "logging.project",
+    "logging.run_name",
+    "logging.wandb",
+    "logging.log_interval",
+)
+SPIKE_WINDOW = 50  # steps in the recent-loss average a spike is compared with
+SPIKE_MIN_HISTORY = 10  # no spike test before this many steps
+_SUM_KEYS = (
+    "count",
+    "accuracy",
+    "exact_accuracy",
+    "q_halt_accuracy",
+    "steps",
+    "lm_loss",
+    "q_halt_loss",
+    "q_continue_loss",
+    "kl_loss",
+)
+
+
+def train(
+    cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, preset: str = "", progress: bool = True
+) -> Path:
+    """Train as `cfg` says into `out_dir` (continuing its latest checkpoint when `resume`); returns the run folder.
+
+    Stops after `train.epochs`, or earlier at `train.max_steps` steps or `train.max_minutes`
+    minutes, and always leaves a checkpoint of the last step.
+    """
+    ctx = init_distributed()
+    try:
+        trainer = Trainer(cfg, Path(out_dir), ctx, resume=resume, preset=preset)
+        trainer.run(progress=progress and ctx.is_main)
+    finally:
+        shutdown(ctx)
+    return Path(out_dir)
+
+
+def check_resume_compatible(saved: RunConfig, requested: RunConfig, run_dir: Path) -> None:
+    """Only schedule-length, evaluation, checkpointing and logging settings may change on resume."""
+    saved_d, requested_d = config_to_dict(saved), config_to_dict(requested)
+    changed = [
+        f"{section}.{key}"
+        for section, values in saved_d.items()
+        for key, value in values.items()
+        if requested_d[section][key] != value and f"{section}.{key}" not in RESUMABLE_CHANGES
+    ]
+    if changed:
+        details = ", ".join(f"{k} ({_get(saved_d, k)!r} → {_get(requested_d, k)!r})" for k in changed)
+        raise EtrmError(
+            f"cannot resume {run_dir}: {details} differ from the run's config; "
+            f"only {', '.join(RESUMABLE_CHANGES)} may change (start a new --out instead)"
+        )
+
+
+def _get(d: dict, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return d[section][key]
+
+
+@dataclass
+class Window:
+    """Sums over the steps since the last metrics row (identical on every rank: they are all-reduced)."""
+
+    steps: int = 0
+    sums: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in _SUM_KEYS})
+    steps_hist: list[int] = field(default_factory=list)
+    norms: dict[str, float] = field(default_factory=lambda: {"encoder": 0.0, "inner": 0.0, "total": 0.0})
+    context_rms: float = 0.0
+
+    def as_state(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def first_groups(split, n: int):
+    """The first `n` puzzle groups of a split, as a Split of its own (overfit presets train on 32 groups)."""
+    from etrm.data.dataset import Split
+
+    if n <= 0 or n >= len(split.puzzle_ids):
+        return split
+    pairs, augs = split.pair_offsets[n], split.aug_offsets[n]
+    puzzles = [
+        {"id": i, "source": s} for i, s in zip(split.puzzle_ids[:n], split.puzzle_sources[:n], strict=True)
+    ]
+    arrays = {
+        "tokens": split.tokens[: 2 * pairs],
+        "shapes": split.shapes[: 2 * pairs],
+        "pair_offsets": split.pair_offsets[: n + 1],
+        "num_demos": split.num_demos[:n],
+        "aug_offsets": split.aug_offsets[: n + 1],
+        "aug_dihedral": split.aug_dihedral[:augs],
+        "aug_colors": split.aug_colors[:augs],
+        "puzzle_identifiers": split.puzzle_identifiers[:augs],
+    }
+    return Split(split.name, puzzles, arrays)
+
+
+class Trainer:
+    def __init__(
+        self, cfg: RunConfig, run_dir: Path, ctx: DistContext, *, resume: bool = False, preset: str = ""
+    ):
+        from etrm.data.episodes import EpisodeSampler
+        from etrm.models import build_model
+        from etrm.models.losses import ACTLossHead
+
+        self.cfg, self.run_dir, self.ctx = cfg, run_dir, ctx
+        t = cfg.train
+        if t.global_batch_size % ctx.world_size:
+            raise EtrmError(
+                f"train.global_batch_size={t.global_batch_size} is not divisible by the {ctx.world_size} processes"
+            )
+        self.local_batch = t.global_batch_size // ctx.world_size
+        start = self._find_start(resume)
+
+        self.dataset = open_dataset(cfg.data.path)
+        if cfg.arch.encoder_type == "puzzle_embedding":
+            cfg.arch.num_puzzle_identifiers = int(self.dataset.manifest["num_puzzle_identifiers"])
+        if start is not None:
+            check_resume_compatible(load_config(start / ckpt_io.CONFIG_FILE), cfg, run_dir)
+
+        _seed_everything(t.seed)
+        self.model = build_model(cfg.arch).to(ctx.device)
+        if t.init_from and start is None:
+            _init_decoder_from_trm(self.model, t.init_from)
+        broadcast_parameters_(self.model, ctx)
+        self.loss_head = ACTLossHead(self.model)
+        self.optimizer = build_optimizer(self.model, t)
+        self.dense_params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.encoder_param_ids = {id(p) for p in self.model.encoder.parameters()}
+        self.sparse_table = self.model.encoder if hasattr(self.model.encoder, "take_sparse_grads") else None
+        self.ema = EMA(self.model, t.ema_rate) if t.ema else None
+        # Each rank explores and samples on its own stream once the shared weights exist.
+        _seed_everything(t.seed + 1 + ctx.rank)
+
+        self.sampler = EpisodeSampler(
+            first_groups(self.dataset.split("train"), cfg.data.max_train_groups),
+            batch_size=self.local_batch,
+            mode="train",
+            max_demos=cfg.data.max_demos,
+            seed=t.seed,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            num_aug=cfg.data.num_aug_train,
+            translate=cfg.data.translate,
+        )
+        self.steps_per_epoch = len(self.sampler)
+        self.total_steps = t.epochs * self.steps_per_epoch
+
+        self.step = 0
+        self.carry = None
+        self.lr_scale = 1.0
+        self.recent_losses: collections.deque[float] = collections.deque(maxlen=SPIKE_WINDOW)
+        self.window = Window(steps_hist=[0] * cfg.arch.halt_max_steps)
+        self.last_checkpoint: Path | None = None
+        if start is not None:
+            self._load(start)
+        self.batches = iter(self.sampler)
+
+        self.logger = None
+        if ctx.is_main:
+            self._write_run_info(preset)
+            self.logger = MetricsLogger(run_dir, cfg, resume_step=self.step if start is not None else None)
+
+    # ------------------------------------------------------------------ setup
+
+    def _find_start(self, resume: bool) -> Path | None:
+        """The checkpoint to resume from (None for a fresh run); refuses to train over an existing run."""
+        if resume:
+            if self.ctx.is_main:
+                ckpt_io.remove_partial_checkpoints(self.run_dir)
+            barrier(self.ctx)
+            return ckpt_io.resolve_checkpoint(self.run_dir)
+        if ckpt_io.complete_checkpoints(self.run_dir) or (self.run_dir / "metrics.jsonl").exists():
+            raise EtrmError(
+                f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} or choose another --out"
+            )
+        return None
+
+    def _write_run_info(self, preset: str) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.run_dir / "config.json", config_to_dict(self.cfg))
+        encoder_params = sum(p.numel() for p in self.model.encoder.parameters())
+        total = sum(p.numel() for p in self.model.parameters())
+        atomic_write_json(
+            self.run_dir / "run_info.json",
+            {
+                "name": self.cfg.logging.run_name or self.run_dir.name,
+                "preset": preset,
+                "num_params": total,
+                "encoder_params": encoder_params,
+                "decoder_params": total - encoder_params,
+                "fewshot": bool(self.dataset.manifest.get("fewshot", True)),
+                "dataset": str(self.cfg.data.path),
+                "etrm_version": __version__,
+                "world_size": self.ctx.world_size,
+            },
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _rank_state(self) -> dict[str, Any]:
+        carry = None
+        if self.carry is not None:
+            carry = {}
+            for f in fields(self.carry):
+                value = getattr(self.carry, f.name)
+                if isinstance(value, dict):
+                    value = {k: v.cpu() for k, v in value.items()}
+                elif value is not None:
+                    value = value.cpu()
+                carry[f.name] = value
+        return {"carry": carry, "sampler": self.sampler.state_dict(), "rng": _rng_state()}
+
+    def save(self) -> None:
+        """Write step-N/ (rank 0), with every rank's carry, sampler position and RNG state."""
+        ranks = gather_to_main(self._rank_state(), self.ctx)
+        if self.ctx.is_main:
+            state = {
+                "step": self.step,
+                "epoch": self.step / self.steps_per_epoch,
+                "world_size": self.ctx.world_size,
+                "optimizer": self.optimizer.state_dict(),
+                "lr_scale": self.lr_scale,
+                "recent_losses": list(self.recent_losses),
+                "window": self.window.as_state(),
+                "ranks": ranks,
+            }
+            ema_state = self.ema.model_state_dict(self.model) if self.ema else None
+            self.last_checkpoint = ckpt_io.save_checkpoint(
+                self.run_dir,
+                self.step,
+                self.model.state_dict(),
+                ema_state,
+                self.cfg,
+                state,
+                self.cfg.train.keep_checkpoints,
+            )
+        barrier(self.ctx)
+
+    def _load(self, path: Path) -> None:
+        from etrm.models import Carry
+
+        state = ckpt_io.load_trainer_state(path)
+        if state["world_size"] != self.ctx.world_size:
+            raise EtrmError(
+                f"cannot resume {path}: it was trained by {state['world_size']} processes, "
+                f"this run has {self.ctx.world_size}; resume with --nproc {state['world_size']}"
+            )
+        try:
+            self.model.load_state_dict(ckpt_io.load_weights(path / ckpt_io.MODEL_FILE))
+            if self.ema is not None:
+                self.ema.load_shadow(ckpt_io.load_weights(path / ckpt_io.EMA_FILE))
+        except (RuntimeError, KeyError) as e:
+            raise EtrmError(
+                f"cannot resume {path}: its weights do not fit the configured model ({e})"
+            ) from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.lr_scale = float(state["lr_scale"])
+        self.recent_losses.extend(state["recent_losses"])
+        self.window = Window(**state["window"])
+        mine = state["ranks"][self.ctx.rank]
+        self.sampler.load_state_dict(mine["sampler"])
+        _set_rng_state(mine["rng"])
+        if mine["carry"] is not None:
+            values = {}
+            for name, value in mine["carry"].items():
+                if isinstance(value, dict):
+                    value = {k: v.to(self.ctx.device) for k, v in value.items()}
+                elif value is not None:
+                    value = value.to(self.ctx.device)
+                values[name] = value
+            self.carry = Carry(**values)
+        self.last_checkpoint = path
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, progress: bool = True) -> None:
+        t = self.cfg.train
+        end = self.total_steps if not t.max_steps else min(t.max_steps, self.total_steps)
+        eval_every = t.eval_interval * self.steps_per_epoch
+        ckpt_every = (t.checkpoint_interval * self.steps_per_epoch) or eval_every
+        deadline = time.monotonic() + t.max_minutes * 60 if t.max_minutes > 0 else None
+        self.model.train()
+        window_start = time.perf_counter()
+        bar = make_progress()
+        try:
+            with bar if progress else contextlib.nullcontext():
+                task = bar.add_task("train", total=end, completed=self.step, info="")
+                while self.step < end:
+                    self._train_step()
+                    if self.step % self.cfg.logging.log_interval == 0:
+                        row = self._log_window(time.perf_counter() - window_start)
+                        window_start = time.perf_counter()
+                        bar.update(task, completed=self.step, info=_progress_info(row))
+                    if eval_every and self.step % eval_every == 0:
+                        self._evaluate()
+                    if ckpt_every and self.step % ckpt_every == 0:
+                        self.save()
+                    if deadline is not None and self._past(deadline):
+                        break
+                    bar.update(task, completed=self.step)
+            if self.last_checkpoint is None or ckpt_io.checkpoint_step(self.last_checkpoint) != self.step:
+                self.save()
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+
+    def _past(self, deadline: float) -> bool:
+        """All ranks stop together: rank 0's clock decides."""
+        return bool(broadcast_from_main(time.monotonic() >= deadline, self.ctx))
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        try:
+            batch = next(self.batches)
+        except StopIteration:
+            self.batches = iter(self.sampler)
+            batch = next(self.batches)
+        return {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
+
+    def _train_step(self) -> None:
+        t = self.cfg.train
+        batch = self._next_batch()
+        if self.carry is None:
+            self.carry = self.loss_head.initial_carry(batch)
+        self.carry, loss, metrics, outputs, _ = self.loss_head(self.carry, batch)
+        (loss / t.global_batch_size).backward()
+
+        # Sum over ranks: gradients (dense and the puzzle-id rows) and this step's statistics.
+        all_reduce_grads_(self.dense_params, self.ctx)
+        sparse = self.sparse_table.take_sparse_grads() if self.sparse_table is not None else None
+        if sparse is not None:
+            sparse = _all_gather_rows(sparse, self.ctx)
+        stats = self._step_statistics(loss, metrics, outputs)
+        all_reduce_sum_([stats], self.ctx)
+        norms = self._grad_norms(sparse)
+
+        loss_per_sample = stats[0].item() / t.global_batch_size
+        if not (math.isfinite(loss_per_sample) and math.isfinite(norms["total"])):
+            self._stop_nonfinite(loss_per_sample, norms["total"])
+        self._check_spike(loss_per_sample)
+
+        factor = lr_factor(self.step + 1, t.lr_warmup_steps, self.total_steps, t.lr_min_ratio) * self.lr_scale
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        if t.grad_clip > 0 and norms["total"] > t.grad_clip:
+            for p in self.dense_params:
+                if p.grad is not None:
+                    p.grad.mul_(t.grad_clip / (norms["total"] + 1e-6))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if sparse is not None:
+            self.sparse_table.sign_sgd_step(
+                *sparse, lr=t.puzzle_emb_lr * factor, weight_decay=t.puzzle_emb_weight_decay
+            )
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        self._accumulate(stats, norms, factor)
+
+    def _step_statistics(self, loss, metrics, outputs) -> torch.Tensor:
+        """[loss, the metric sums, context square-sum, context size, steps histogram] as one float64 vector."""
+        halted = self.carry.halted
+        hist = torch.bincount(self.carry.steps[halted].long(), minlength=self.cfg.arch.halt_max_steps + 1)
+        context = outputs["context"].float()
+        values = [loss.detach().double()] + [metrics[k].detach().double() for k in _SUM_KEYS]
+        values += [context.square().sum().double(), torch.tensor(float(context.numel()), dtype=torch.float64)]
+        device = self.ctx.device
+        return torch.cat([torch.stack([v.to(device) for v in values]), hist[1:].to(device, torch.float64)])
+
+    def _grad_norms(self, sparse) -> dict[str, float]:
+        """Gradient norms after the all-reduce, before clipping: encoder (incl. the puzzle-id rows), decoder, total."""
+        sq = {"encoder": 0.0, "inner": 0.0}
+        for p in self.dense_params:
+            if p.grad is not None:
+                part = "encoder" if id(p) in self.encoder_param_ids else "inner"
+                sq[part] += p.grad.detach().double().square().sum().item()
+        if sparse is not None:
+            sq["encoder"] += sparse[1].double().square().sum().item()
+        return {
+            "encoder": math.sqrt(sq["encoder"]),
+            "inner": math.sqrt(sq["inner"]),
+            "total": math.sqrt(sq["encoder"] + sq["inner"]),
+        }
+
+    def _check_spike(self, loss: float) -> None:
+        """A loss over spike_factor × its recent average halves the learning rate from here on."""
+        t = self.cfg.train
+        if t.spike_factor and len(self.recent_losses) >= SPIKE_MIN_HISTORY:
+            recent = sum(self.recent_losses) / len(self.recent_losses)
+            if loss > t.spike_factor * recent:
+                self.lr_scale *= 0.5
+                self._log_event(
+                    "lr_halved",
+                    loss=loss,
+                    recent_mean=recent,
+                    spike_factor=t.spike_factor,
+                    lr_scale=self.lr_scale,
+                )
+        self.recent_losses.append(loss)
+
+    def _stop_nonfinite(self, loss: float, grad_norm: float) -> None:
+        self._log_event("nonfinite_loss", loss=loss, grad_norm=grad_norm)
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+        kept = (
+            f"the last good checkpoint is {self.last_checkpoint}"
+            if self.last_checkpoint
+            else "no checkpoint yet"
+        )
+        raise EtrmError(
+            f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {self.step + 1} "
+            f"(epoch {(self.step + 1) / self.steps_per_epoch:.2f}) in {self.run_dir}; stopped without saving, "
+            f"{kept}. Resume it with a lower train.lr or train.grad_clip "
+            f"(etrm train --resume {self.run_dir} --set train.lr=...) after checking the data."
+        )
+
+    def _accumulate(self, stats: torch.Tensor, norms: dict[str, float], factor: float) -> None:
+        w = self.window
+        values = stats.tolist()
+        for i, k in enumerate(_SUM_KEYS, start=1):
+            w.sums[k] += values[i]
+        square_sum, numel = values[len(_SUM_KEYS) + 1], values[len(_SUM_KEYS) + 2]
+        w.context_rms += math.sqrt(square_sum / max(numel, 1.0))
+        w.steps_hist = [a + int(b) for a, b in zip(w.steps_hist, values[len(_SUM_KEYS) + 3 :], strict=True)]
+        for k in w.norms:
+            w.norms[k] += norms[k]
+        w.steps += 1
+        self.lr_now = self.cfg.train.lr * factor
+
+    def _log_window(self, seconds: float) -> dict[str, Any]:
+        w, t = self.window, self.cfg.train
+        count = max(w.sums["count"], 1.0)
+        per_sample = t.global_batch_size * w.steps
+        row: dict[str, Any] = {"step": self.step, "epoch": self.step / self.steps_per_epoch}
+        for k in ("lm_loss", "q_halt_loss", "q_continue_loss", "kl_loss"):
+            row[f"train/{k}"] = w.sums[k] / per_sample
+        for k in ("accuracy", "exact_accuracy", "q_halt_accuracy", "steps"):
+            row[f"train/{k}"] = w.sums[k] / count
+        row["train/steps_hist"] = list(w.steps_hist)
+        row["train/lr"] = self.lr_now
+        for k, v in w.norms.items():
+            row[f"grad/{k}_norm"] = v / w.steps
+        row["encoder/context_rms"] = w.context_rms / w.steps
+        row["encoder/prefix_rms"] = _token_embedding_rms(self.model)
+        row["perf/samples_per_s"] = per_sample / max(seconds, 1e-9)
+        row["perf/peak_mem_mb"] = _peak_memory_mb(self.ctx.device)
+        self.window = Window(steps_hist=[0] * self.cfg.arch.halt_max_steps)
+        if self.logger is not None:
+            self.logger.log(row)
+        return row
+
+    def _log_event(self, event: str, **values: Any) -> None:
+        if self.logger is not None:
+            self.logger.log(
+                {
+                    "step": self.step + 1,
+                    "epoch": (self.step + 1) / self.steps_per_epoch,
+                    "event": event,
+                    **values,
+                }
+            )
+
+    def _evaluate(self) -> None:
+        """Rank 0 evaluates (the EMA weights when kept) on the test split and train EM; others wait."""
+        if self.ctx.is_main:
+            from etrm.eval import evaluate
+
+            model = self.ema.averaged_copy(self.model) if self.ema is not None else self.model
+            data = _TrainGroupsView(self.dataset, self.cfg.data.max_train_groups)
+            common = dict(
+                batch_size=self.local_batch,
+                device=self.ctx.device,
+                max_demos=self.cfg.data.max_demos,
+                progress=False,
+                step=self.step,
+            )
+            # Evaluation must not move the training RNG streams, or a resumed run would diverge.
+            with torch.random.fork_rng(devices=[self.ctx.device] if self.ctx.device.type == "cuda" else []):
+                result = evaluate(model, data, "test", num_aug=self.cfg.train.eval_num_aug, **common)
+                train = data.split("train")
+                has_queries = all(train.num_queries(g) > 0 for g in range(len(train.puzzle_ids)))
+                train_em = evaluate(model, data, "train", vote=False, **common) if has_queries else None
+            out = self.run_dir / "eval" / f"step-{self.step}"
+            result.write(out)
+            row: dict[str, Any] = {"step": self.step, "epoch": self.step / self.steps_per_epoch}
+            row.update({f"eval/{k}": v for k, v in result.metrics.items() if k != "num_queries"})
+            if train_em is not None:  # a --split trm set has training groups that are all demos
+                row["eval/train_em"] = train_em.metrics["train_em"]
+            row["eval/results"] = str((out / "results.json").relative_to(self.run_dir))
+            self.logger.log(row)
+            self.model.train()
+        barrier(self.ctx)
+
+
+class _TrainGroupsView:
+    """The dataset as training saw it: `split("train")` limited to `max_train_groups` when set."""
+
+    def __init__(self, dataset, max_train_groups: int):
+        self._dataset, self._limit = dataset, max_train_groups
+
+    def split(self, name: str):
+        split = self._dataset.split(name)
+        return first_groups(split, self._limit) if name == "train" else split
+
+    def __getattr__(self, name: str):
+        return getattr(self._dataset, name)
+
+
+def open_dataset(path: str):
+    from etrm.data.dataset import ArcDataset
+
+    if not Path(path).exists():
+        raise EtrmError(
+            f"data.path={path}: no dataset there; build one with `etrm data build --out {path}` "
+            f"or point --set data.path=... at a folder written by `etrm data build`"
+        )
+    return ArcDataset.open(path)
+
+
+def _init_decoder_from_trm(model: nn.Module, path: str) -> None:
+    from etrm.models.trm_checkpoint import init_decoder_from_trm
+
+    init_decoder_from_trm(model, path)
+
+
+def _all_gather_rows(sparse, ctx: DistContext):
+    """(ids, grads) of the puzzle-id rows used on every rank (each rank uses the same number of rows)."""
+    if ctx.world_size == 1:
+        return sparse
+    import torch.distributed as dist
+
+    ids, grads = sparse
+    all_ids = [torch.empty_like(ids) for _ in range(ctx.world_size)]
+    all_grads = [torch.empty_like(grads) for _ in range(ctx.world_size)]
+    dist.all_gather(all_ids, ids)
+    dist.all_gather(all_grads, grads)
+    return torch.cat(all_ids), torch.cat(all_grads)
+
+
+def _token_embedding_rms(model: nn.Module) -> float:
+    """RMS of the decoder's token-embedding table: the scale of the inputs the prefix sits beside."""
+    weight = model.decoder.embed_tokens.embedding_weight
+    return weight.detach().float().square().mean().sqrt().item()
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def _progress_info(row: dict[str, Any]) -> str:
+    return (
+        f"epoch {row['epoch']:.2f} loss {row['train/lm_loss']:.4f} "
+        f"exact {row['train/exact_accuracy']:.3f} {row['perf/samples_per_s']:.1f} samples/s"
+    )
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every RNG the step may draw from, as tensors and plain values (loadable with weights_only)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def describe(run_dir: Path) -> str:
+    """One line about where a run stands (used by the CLI's final message)."""
+    info = json.loads((run_dir / "run_info.json").read_text())
+    latest = ckpt_io.complete_checkpoints(run_dir)
+    where = latest[-1].name if latest else "no checkpoint"
+    return f"{info['name']}: {info['num_params']:,} parameters, {where} in {run_dir}"

@@ -1,0 +1,187 @@
+"""The training loop on a tiny dataset: every encoder family trains and logs, resume is exact, errors are clear."""
+
+import json
+
+import pytest
+import torch
+from train_helpers import build_tiny_dataset, tiny_config
+
+from etrm.config import apply_overrides
+from etrm.errors import EtrmError
+from etrm.models.losses import ACTLossHead
+from etrm.train.checkpoint import load_trainer_state, load_weights
+from etrm.train.loop import train
+from etrm.train.metrics import read_metrics
+
+TRAIN_KEYS = [
+    "train/lm_loss",
+    "train/q_halt_loss",
+    "train/q_continue_loss",
+    "train/kl_loss",
+    "train/accuracy",
+    "train/exact_accuracy",
+    "train/q_halt_accuracy",
+    "train/steps",
+    "train/steps_hist",
+    "train/lr",
+    "grad/encoder_norm",
+    "grad/inner_norm",
+    "grad/total_norm",
+    "encoder/context_rms",
+    "encoder/prefix_rms",
+    "perf/samples_per_s",
+    "perf/peak_mem_mb",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return build_tiny_dataset(tmp_path_factory.mktemp("train-data"))
+
+
+@pytest.fixture(scope="module")
+def trm_data(tmp_path_factory):
+    return build_tiny_dataset(tmp_path_factory.mktemp("train-data-trm"), split="trm")
+
+
+@pytest.mark.parametrize(
+    "preset, extra",
+    [
+        (
+            "SF1",
+            ["train.eval_interval=1", "train.max_steps=4"],
+        ),  # hybrid_standard, evaluated at the epoch end
+        ("SF3", ["arch.kl_weight=0.1"]),  # hybrid_variational
+        ("SF5", ["train.optimizer=adamw", "train.encoder_lr_scale=0.5"]),  # standard
+        ("E2b", ["data.max_train_groups=2"]),  # lpn_var, overfit subset
+        ("trm", []),  # puzzle_embedding baseline, sparse sign-SGD
+    ],
+)
+def test_each_preset_family_trains_and_logs(preset, extra, data, trm_data, tmp_path):
+    dataset = trm_data if preset == "trm" else data
+    cfg = tiny_config(preset, dataset, "train.max_steps=2", *extra)
+    run = train(cfg, tmp_path / "run", preset=preset, progress=False)
+
+    rows = read_metrics(run)
+    train_rows = [r for r in rows if "train/lm_loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, cfg.train.max_steps + 1))
+    for r in train_rows:
+        assert set(TRAIN_KEYS) <= set(r)
+        assert r["grad/encoder_norm"] > 0 and r["grad/inner_norm"] > 0
+        assert r["grad/total_norm"] == pytest.approx(
+            (r["grad/encoder_norm"] ** 2 + r["grad/inner_norm"] ** 2) ** 0.5
+        )
+        assert len(r["train/steps_hist"]) == cfg.arch.halt_max_steps
+        assert all(
+            isinstance(v, float) and v == v for k, v in r.items() if k.startswith(("train/lm", "grad/"))
+        )
+    assert train_rows[0]["train/lr"] == pytest.approx(cfg.train.lr / cfg.train.lr_warmup_steps)
+    if preset == "SF3":
+        assert train_rows[0]["train/kl_loss"] > 0
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["preset"] == preset and info["encoder_params"] + info["decoder_params"] == info["num_params"]
+    assert info["fewshot"] is (preset != "trm")
+    last = run / f"step-{cfg.train.max_steps}"
+    assert (last / "model.safetensors").is_file() and (last / "ema.safetensors").is_file()
+    if preset == "SF1":
+        evals = [r for r in rows if "eval/pass@1" in r]
+        assert [r["step"] for r in evals] == [4]  # 16 episodes / batch 4 = 4 steps per epoch
+        assert 0.0 <= evals[0]["eval/train_em"] <= 1.0
+        assert (run / evals[0]["eval/results"]).is_file()
+    if preset == "trm":  # the puzzle-id table moved only through sign-SGD: some rows non-zero now
+        table = load_weights(last / "model.safetensors")["encoder.weights"]
+        assert table.abs().sum() > 0
+        assert (table.abs().sum(1) > 0).sum() < table.shape[0]
+
+
+def test_resume_continues_exactly(data, tmp_path):
+    # Variational sampling, exploration, a cached context in the carry and an epoch boundary mid-way.
+    cfg = tiny_config("SF4", data, "arch.encoder_reencode=false", "arch.kl_weight=0.01", "train.max_steps=6")
+    whole = train(cfg, tmp_path / "whole", progress=False)
+    half = train(apply_overrides(cfg, ["train.max_steps=3"]), tmp_path / "split", progress=False)
+    train(cfg, half, resume=True, progress=False)
+
+    def losses(run):
+        return [
+            (r["step"], r["train/lm_loss"], r["train/q_halt_loss"], r["train/kl_loss"])
+            for r in read_metrics(run)
+        ]
+
+    assert losses(whole) == losses(half)
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_weights(whole / "step-6" / name), load_weights(half / "step-6" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = load_trainer_state(whole / "step-6"), load_trainer_state(half / "step-6")
+    assert sa["ranks"][0]["sampler"] == sb["ranks"][0]["sampler"]
+    assert torch.equal(sa["ranks"][0]["carry"]["z_H"], sb["ranks"][0]["carry"]["z_H"])
+
+
+def test_resume_refuses_changed_architecture_and_fresh_run_over_old(data, tmp_path):
+    cfg = tiny_config("SF5", data, "train.max_steps=1")
+    run = train(cfg, tmp_path / "run", progress=False)
+    with pytest.raises(EtrmError, match=r"cannot resume .*arch.hidden_size \(16 → 32\)"):
+        train(apply_overrides(cfg, ["arch.hidden_size=32"]), run, resume=True, progress=False)
+    with pytest.raises(EtrmError, match="already holds a run; continue it with --resume"):
+        train(cfg, run, progress=False)
+    with pytest.raises(EtrmError, match="empty does not exist"):
+        train(cfg, tmp_path / "empty", resume=True, progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EtrmError, match="empty holds no complete checkpoint"):
+        train(cfg, tmp_path / "empty", resume=True, progress=False)
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    cfg = tiny_config("SF5", tmp_path / "nowhere")
+    with pytest.raises(
+        EtrmError, match=r"data.path=.*nowhere: no dataset there; build one with `etrm data build"
+    ):
+        train(cfg, tmp_path / "run", progress=False)
+
+
+def test_time_limit_stops_with_a_checkpoint(data, tmp_path):
+    cfg = tiny_config("SF5", data, "train.max_minutes=0.0001")
+    run = train(cfg, tmp_path / "run", progress=False)
+    assert [p.name for p in run.glob("step-*")] == ["step-1"]
+
+
+def _patch_loss(monkeypatch, scale_at_step):
+    """Multiply the loss at chosen (1-based) calls of the loss head, to stage spikes and NaNs."""
+    original = ACTLossHead.forward
+    calls = {"n": 0}
+
+    def forward(self, carry, batch):
+        calls["n"] += 1
+        carry, loss, metrics, outputs, halted = original(self, carry, batch)
+        return carry, loss * scale_at_step.get(calls["n"], 1.0), metrics, outputs, halted
+
+    monkeypatch.setattr(ACTLossHead, "forward", forward)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    cfg = tiny_config("SF5", data, "train.max_steps=2")
+    run = train(cfg, tmp_path / "run", progress=False)
+    _patch_loss(monkeypatch, {2: float("nan")})
+    with pytest.raises(EtrmError, match=r"non-finite loss .* at step 4 .*last good checkpoint is .*step-2"):
+        train(apply_overrides(cfg, ["train.max_steps=6"]), run, resume=True, progress=False)
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-2"]
+    event = read_metrics(run)[-1]
+    assert (event["event"], event["step"], event["loss"]) == ("nonfinite_loss", 4, "nan")
+
+
+def test_loss_spike_halves_the_learning_rate(data, tmp_path, monkeypatch):
+    _patch_loss(monkeypatch, {12: 1e4})
+    cfg = tiny_config(
+        "SF5",
+        data,
+        "train.epochs=4",
+        "train.max_steps=13",
+        "train.lr_warmup_steps=0",
+        "arch.halt_max_steps=1",
+    )
+    run = train(cfg, tmp_path / "run", progress=False)
+    rows = read_metrics(run)
+    events = [r for r in rows if "event" in r]
+    assert [(e["event"], e["step"], e["lr_scale"]) for e in events] == [("lr_halved", 12, 0.5)]
+    assert events[0]["loss"] > 10 * events[0]["recent_mean"]
+    lrs = {r["step"]: r["train/lr"] for r in rows if "train/lr" in r}
+    assert lrs[11] == pytest.approx(cfg.train.lr) and lrs[12] == lrs[13] == pytest.approx(cfg.train.lr / 2)
