@@ -75,7 +75,9 @@ def test_act_statistics_sum_the_logged_histograms(tmp_path):
     stats = act_stats(run)
     assert stats.histogram == [2 * TRAIN_ROWS_PER_WINDOW * c for c in hist]
     assert (stats.min_steps, stats.max_steps) == (2, 8)
-    assert stats.mean_steps == 4.0 and stats.q_halt_accuracy == pytest.approx(0.8)
+    # halted rows: 2 at 2 steps, 3 at 3, 5 at 4, 1 at 8 (the logged train/steps of 4.0 is not used)
+    assert stats.mean_steps == pytest.approx((2 * 2 + 3 * 3 + 5 * 4 + 1 * 8) / 11)
+    assert stats.q_halt_accuracy == pytest.approx(0.8)
     assert stats.stuck_at is None and stats.warning is None
     assert [w.histogram for w in stats.windows] == [[TRAIN_ROWS_PER_WINDOW * c for c in hist]] * 2
 

@@ -56,6 +56,14 @@ def _histograms(rows: list[dict]) -> list[list[int]]:
     return [list(r["train/steps_hist"]) for r in rows if isinstance(r.get("train/steps_hist"), list)]
 
 
+def mean_steps(histogram: list[int], rows: list[dict]) -> float:
+    """Mean steps of the halted rows (from the histogram; the logged means also count windows where none halted)."""
+    halted = sum(histogram)
+    if halted:
+        return sum((i + 1) * count for i, count in enumerate(histogram)) / halted
+    return mean(finite_values(rows, "train/steps"))
+
+
 def step_range(histogram: list[int]) -> tuple[int, int] | None:
     """Fewest and most steps any halted row took."""
     used = [i + 1 for i, count in enumerate(histogram) if count]
@@ -67,29 +75,31 @@ def step_range_text(histogram: list[int]) -> str:
     return f"{used[0]}–{used[1]}" if used else "—"
 
 
-def _stuck_at(histogram: list[int], mean_steps: list[float]) -> int | None:
+def _stuck_at(histogram: list[int], logged_means: list[float]) -> int | None:
     """The constant step count, from the histogram when logged, else from identical mean steps."""
     halted = sum(histogram)
     if halted:
         mode = max(range(len(histogram)), key=histogram.__getitem__)
         return mode + 1 if histogram[mode] >= STUCK_SHARE * halted else None
-    if len(mean_steps) >= 2 and max(mean_steps) - min(mean_steps) < 1e-6:
-        return round(mean_steps[0])
+    if len(logged_means) >= 2 and max(logged_means) - min(logged_means) < 1e-6:
+        return round(logged_means[0])
     return None
 
 
 def act_stats(run: Run) -> ActStats:
     run_windows = run.windows()
-    windows = [
-        ActWindow(
-            label=w.label,
-            end_step=w.end_step,
-            mean_steps=mean(finite_values(w.rows, "train/steps")),
-            q_halt_accuracy=mean(finite_values(w.rows, "train/q_halt_accuracy")),
-            histogram=_sum_histograms(_histograms(w.rows)),
+    windows = []
+    for w in run_windows:
+        window_histogram = _sum_histograms(_histograms(w.rows))
+        windows.append(
+            ActWindow(
+                label=w.label,
+                end_step=w.end_step,
+                mean_steps=mean_steps(window_histogram, w.rows),
+                q_halt_accuracy=mean(finite_values(w.rows, "train/q_halt_accuracy")),
+                histogram=window_histogram,
+            )
         )
-        for w in run_windows
-    ]
     histogram = _sum_histograms(_histograms(run.train_rows))
     used = step_range(histogram)
     last_rows = run_windows[-1].rows if run_windows else []
@@ -98,7 +108,7 @@ def act_stats(run: Run) -> ActStats:
         histogram=histogram,
         min_steps=used[0] if used else None,
         max_steps=used[1] if used else None,
-        mean_steps=mean(finite_values(run.train_rows, "train/steps")),
+        mean_steps=mean_steps(histogram, run.train_rows),
         q_halt_accuracy=windows[-1].q_halt_accuracy if windows else math.nan,
         stuck_at=_stuck_at(windows[-1].histogram, finite_values(last_rows, "train/steps"))
         if windows
