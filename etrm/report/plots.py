@@ -171,7 +171,8 @@ def plot_params_pareto(summaries: list[RunSummary], path: Path) -> Path:
 def plot_outcomes(outcomes: Outcomes, path: Path) -> Path:
     count = len(outcomes.puzzles)
     fig, ax = plt.subplots(
-        figsize=(min(30.0, 4 + 0.15 * count), 1.5 + 0.4 * len(outcomes.runs)), layout="constrained"
+        figsize=(min(30.0, max(8.0, 3 + 0.15 * count)), max(3.0, 1.5 + 0.4 * len(outcomes.runs))),
+        layout="constrained",
     )
     cmap = plt.get_cmap("Greens").with_extremes(bad="#dddddd")
     ax.imshow(
@@ -188,7 +189,7 @@ def plot_outcomes(outcomes: Outcomes, path: Path) -> Path:
     else:
         ax.set_xticks([])
         ax.set_xlabel(f"{count} test puzzles")
-    ax.set_title("Test puzzles solved within 2 attempts (green = solved, grey = not evaluated)")
+    ax.set_title("Test puzzles solved within 2 attempts (green: solved; grey: not evaluated)", fontsize=10)
     return _save(fig, path)
 
 
