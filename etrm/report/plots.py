@@ -125,15 +125,17 @@ def plot_train_vs_test(summaries: list[RunSummary], path: Path) -> Path:
 
 def plot_act_steps(histograms: dict[str, list[int]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
-    for name, histogram in histograms.items():
-        total = sum(histogram)
-        if total:
-            steps = np.arange(1, len(histogram) + 1)
-            ax.plot(steps, 100 * np.array(histogram) / total, "-o", label=name)
+    logged = {name: h for name, h in histograms.items() if sum(h)}
+    for name, histogram in logged.items():
+        steps = np.arange(1, len(histogram) + 1)
+        ax.plot(steps, 100 * np.array(histogram) / sum(histogram), "-o", label=name)
+    if logged:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no train/steps_hist logged", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("ACT steps until halting")
     ax.set_ylabel("halted rows (%)")
     ax.set_title("ACT steps in training")
-    ax.legend(fontsize="small")
     return _save(fig, path)
 
 
