@@ -82,7 +82,8 @@ def build_report(
     _check_out(out)
     runs = load_runs(paths)
     healths = [grad_health(r) for r in runs]
-    summaries = [summarize(r, h) for r, h in zip(runs, healths, strict=True)]
+    acts = [act_stats(r) for r in runs]
+    summaries = [summarize(r, h, a) for r, h, a in zip(runs, healths, acts, strict=True)]
     report = Report(title, runs, summaries, select_winner(summaries))
     report.warnings = [w for r in runs for w in r.warnings]
     results = {}
@@ -125,7 +126,7 @@ def build_report(
         (
             "ACT steps",
             "act_steps.png",
-            lambda p: plots.plot_act_steps({r.name: act_stats(r).histogram for r in runs}, p),
+            lambda p: plots.plot_act_steps({r.name: a.histogram for r, a in zip(runs, acts, strict=True)}, p),
         ),
         ("Accuracy vs parameters", "params_pareto.png", lambda p: plots.plot_params_pareto(summaries, p)),
     ]

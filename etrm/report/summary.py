@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from etrm.diagnose.act import act_stats, step_range_text
+from etrm.diagnose.act import ActStats, act_stats, step_range_text
 from etrm.diagnose.grad_health import GradHealth, grad_health
 from etrm.diagnose.runs import Run, finite_or_none, least_squares_slope
 
@@ -52,14 +52,15 @@ def _last(rows: list[dict[str, Any]], key: str) -> float:
     return float(value) if isinstance(value, (int, float)) else math.nan
 
 
-def summarize(run: Run, health: GradHealth | None = None) -> RunSummary:
+def summarize(run: Run, health: GradHealth | None = None, act: ActStats | None = None) -> RunSummary:
+    """The run's numbers; pass `health` / `act` when already computed."""
     evals = sorted(run.eval_rows, key=lambda r: r["step"])
     recent = [r for r in evals[-SLOPE_EVALS:] if isinstance(r.get("eval/pass@1"), (int, float))]
     slope = least_squares_slope(
         [float(r["epoch"]) for r in recent], [float(r["eval/pass@1"]) for r in recent]
     )
     health = health or grad_health(run)
-    act = act_stats(run)
+    act = act or act_stats(run)
     test_em, train_em = _last(evals, "eval/pass@1"), _last(evals, "eval/train_em")
     params = run.info.get("num_params")
     exploration = run.config_value("arch", "halt_exploration_prob")
