@@ -24,57 +24,51 @@ _MAX_FLOOR = tl.constexpr(-1.0e30)
 
 
 @triton.jit
+def _load_rows(base, rows, row_stride, row_ok, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """A [rows, HEAD_DIM] tile, zero where row_ok is False; float32 when the interpreter must avoid bf16 math."""
+    ptrs = base + rows[:, None] * row_stride + tl.arange(0, HEAD_DIM)[None, :]
+    tile = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _attended_keys(mask_row_ptr, offs_k, k_len, HAS_MASK: tl.constexpr):
+    """Keys in range and, with a mask, marked True for this sample."""
+    ok = offs_k < k_len
+    if HAS_MASK:
+        ok = ok & (tl.load(mask_row_ptr + offs_k, mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
 def _attn_fwd(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    mask_ptr,
-    o_ptr,
-    lse_ptr,
-    sq_b,
-    sq_h,
-    sq_l,
-    sk_b,
-    sk_h,
-    sk_l,
-    sv_b,
-    sv_h,
-    sv_l,
-    so_b,
-    so_h,
-    so_l,
-    s_mask_b,
-    n_heads,
-    q_len,
-    k_len,
-    scale_log2,
-    HAS_MASK: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+    q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr,
+    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_l, s_mask_b,
+    n_heads, q_len, k_len, scale_log2,
+    HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // n_heads, bh % n_heads
     offs_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_d = tl.arange(0, HEAD_DIM)
     q_ok = offs_q < q_len
-    q = tl.load(
-        q_ptr + b * sq_b + h * sq_h + offs_q[:, None] * sq_l + offs_d[None, :], mask=q_ok[:, None], other=0.0
+    q = _load_rows(q_ptr + b * sq_b + h * sq_h, offs_q, sq_l, q_ok, HEAD_DIM, UPCAST)
+    k_base, v_base, mask_row = (
+        k_ptr + b * sk_b + h * sk_h,
+        v_ptr + b * sv_b + h * sv_h,
+        mask_ptr + b * s_mask_b,
     )
-    k_base = k_ptr + b * sk_b + h * sk_h
-    v_base = v_ptr + b * sv_b + h * sv_h
 
     row_max = tl.full([BLOCK_Q], _MAX_FLOOR, tl.float32)
     row_sum = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
     for start in range(0, k_len, BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < k_len
-        if HAS_MASK:
-            k_ok = k_ok & (tl.load(mask_ptr + b * s_mask_b + offs_k, mask=k_ok, other=0) != 0)
-        k = tl.load(k_base + offs_k[:, None] * sk_l + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_k[:, None] * sv_l + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        k_ok = _attended_keys(mask_row, offs_k, k_len, HAS_MASK)
+        k = _load_rows(k_base, offs_k, sk_l, k_ok, HEAD_DIM, UPCAST)
+        v = _load_rows(v_base, offs_k, sv_l, k_ok, HEAD_DIM, UPCAST)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         scores = tl.where(k_ok[None, :], scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
@@ -85,81 +79,35 @@ def _attn_fwd(
         row_max = new_max
 
     has_keys = row_sum > 0
-    out = acc / tl.where(has_keys, row_sum, 1.0)[:, None]
-    lse = tl.where(has_keys, row_max + tl.log2(tl.where(has_keys, row_sum, 1.0)), 0.0)
-    tl.store(
-        o_ptr + b * so_b + h * so_h + offs_q[:, None] * so_l + offs_d[None, :],
-        out.to(o_ptr.dtype.element_ty),
-        mask=q_ok[:, None],
-    )
-    tl.store(lse_ptr + bh * q_len + offs_q, lse, mask=q_ok)
+    safe_sum = tl.where(has_keys, row_sum, 1.0)
+    out = acc / safe_sum[:, None]
+    out_ptrs = o_ptr + b * so_b + h * so_h + offs_q[:, None] * so_l + tl.arange(0, HEAD_DIM)[None, :]
+    tl.store(out_ptrs, out.to(o_ptr.dtype.element_ty), mask=q_ok[:, None])
+    tl.store(lse_ptr + bh * q_len + offs_q, tl.where(has_keys, row_max + tl.log2(safe_sum), 0.0), mask=q_ok)
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    mask_ptr,
-    do_ptr,
-    lse_ptr,
-    delta_ptr,
-    dk_ptr,
-    dv_ptr,
-    sq_b,
-    sq_h,
-    sq_l,
-    sk_b,
-    sk_h,
-    sk_l,
-    sv_b,
-    sv_h,
-    sv_l,
-    sdo_b,
-    sdo_h,
-    sdo_l,
-    s_mask_b,
-    n_heads,
-    q_len,
-    k_len,
-    scale_log2,
-    scale,
-    HAS_MASK: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+    q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sdo_b, sdo_h, sdo_l, s_mask_b,
+    n_heads, q_len, k_len, scale_log2, scale,
+    HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // n_heads, bh % n_heads
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_d = tl.arange(0, HEAD_DIM)
-    k_in = offs_k < k_len
-    k_ok = k_in
-    if HAS_MASK:
-        k_ok = k_ok & (tl.load(mask_ptr + b * s_mask_b + offs_k, mask=k_in, other=0) != 0)
-    k = tl.load(
-        k_ptr + b * sk_b + h * sk_h + offs_k[:, None] * sk_l + offs_d[None, :], mask=k_ok[:, None], other=0.0
-    )
-    v = tl.load(
-        v_ptr + b * sv_b + h * sv_h + offs_k[:, None] * sv_l + offs_d[None, :], mask=k_ok[:, None], other=0.0
-    )
+    k_ok = _attended_keys(mask_ptr + b * s_mask_b, offs_k, k_len, HAS_MASK)
+    k = _load_rows(k_ptr + b * sk_b + h * sk_h, offs_k, sk_l, k_ok, HEAD_DIM, UPCAST)
+    v = _load_rows(v_ptr + b * sv_b + h * sv_h, offs_k, sv_l, k_ok, HEAD_DIM, UPCAST)
 
     dk = tl.zeros([BLOCK_K, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_K, HEAD_DIM], tl.float32)
     for start in range(0, q_len, BLOCK_Q):
         offs_q = start + tl.arange(0, BLOCK_Q)
         q_ok = offs_q < q_len
-        q = tl.load(
-            q_ptr + b * sq_b + h * sq_h + offs_q[:, None] * sq_l + offs_d[None, :],
-            mask=q_ok[:, None],
-            other=0.0,
-        )
-        do = tl.load(
-            do_ptr + b * sdo_b + h * sdo_h + offs_q[:, None] * sdo_l + offs_d[None, :],
-            mask=q_ok[:, None],
-            other=0.0,
-        )
+        q = _load_rows(q_ptr + b * sq_b + h * sq_h, offs_q, sq_l, q_ok, HEAD_DIM, UPCAST)
+        do = _load_rows(do_ptr + b * sdo_b + h * sdo_h, offs_q, sdo_l, q_ok, HEAD_DIM, UPCAST)
         lse = tl.load(lse_ptr + bh * q_len + offs_q, mask=q_ok, other=0.0)
         delta = tl.load(delta_ptr + bh * q_len + offs_q, mask=q_ok, other=0.0)
         scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
@@ -169,82 +117,49 @@ def _attn_bwd_dkdv(
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
 
-    out_offsets = bh * k_len * HEAD_DIM + offs_k[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(dk_ptr + out_offsets, (dk * scale).to(dk_ptr.dtype.element_ty), mask=k_in[:, None])
-    tl.store(dv_ptr + out_offsets, dv.to(dv_ptr.dtype.element_ty), mask=k_in[:, None])
+    # dK and dV are contiguous [B, H, Lk, D]; rows past Lk are not stored, masked keys get zeros.
+    offsets = bh * k_len * HEAD_DIM + offs_k[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    in_range = (offs_k < k_len)[:, None]
+    tl.store(dk_ptr + offsets, (dk * scale).to(dk_ptr.dtype.element_ty), mask=in_range)
+    tl.store(dv_ptr + offsets, dv.to(dv_ptr.dtype.element_ty), mask=in_range)
 
 
 @triton.jit
 def _attn_bwd_dq(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    mask_ptr,
-    do_ptr,
-    lse_ptr,
-    delta_ptr,
-    dq_ptr,
-    sq_b,
-    sq_h,
-    sq_l,
-    sk_b,
-    sk_h,
-    sk_l,
-    sv_b,
-    sv_h,
-    sv_l,
-    sdo_b,
-    sdo_h,
-    sdo_l,
-    s_mask_b,
-    n_heads,
-    q_len,
-    k_len,
-    scale_log2,
-    scale,
-    HAS_MASK: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+    q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sdo_b, sdo_h, sdo_l, s_mask_b,
+    n_heads, q_len, k_len, scale_log2, scale,
+    HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // n_heads, bh % n_heads
     offs_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_d = tl.arange(0, HEAD_DIM)
     q_ok = offs_q < q_len
-    q = tl.load(
-        q_ptr + b * sq_b + h * sq_h + offs_q[:, None] * sq_l + offs_d[None, :], mask=q_ok[:, None], other=0.0
-    )
-    do = tl.load(
-        do_ptr + b * sdo_b + h * sdo_h + offs_q[:, None] * sdo_l + offs_d[None, :],
-        mask=q_ok[:, None],
-        other=0.0,
-    )
+    q = _load_rows(q_ptr + b * sq_b + h * sq_h, offs_q, sq_l, q_ok, HEAD_DIM, UPCAST)
+    do = _load_rows(do_ptr + b * sdo_b + h * sdo_h, offs_q, sdo_l, q_ok, HEAD_DIM, UPCAST)
     lse = tl.load(lse_ptr + bh * q_len + offs_q, mask=q_ok, other=0.0)
     delta = tl.load(delta_ptr + bh * q_len + offs_q, mask=q_ok, other=0.0)
-    k_base = k_ptr + b * sk_b + h * sk_h
-    v_base = v_ptr + b * sv_b + h * sv_h
+    k_base, v_base, mask_row = (
+        k_ptr + b * sk_b + h * sk_h,
+        v_ptr + b * sv_b + h * sv_h,
+        mask_ptr + b * s_mask_b,
+    )
 
     dq = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
     for start in range(0, k_len, BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < k_len
-        if HAS_MASK:
-            k_ok = k_ok & (tl.load(mask_ptr + b * s_mask_b + offs_k, mask=k_ok, other=0) != 0)
-        k = tl.load(k_base + offs_k[:, None] * sk_l + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_k[:, None] * sv_l + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        k_ok = _attended_keys(mask_row, offs_k, k_len, HAS_MASK)
+        k = _load_rows(k_base, offs_k, sk_l, k_ok, HEAD_DIM, UPCAST)
+        v = _load_rows(v_base, offs_k, sv_l, k_ok, HEAD_DIM, UPCAST)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         p = tl.where(q_ok[:, None] & k_ok[None, :], tl.exp2(scores - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
-    tl.store(
-        dq_ptr + bh * q_len * HEAD_DIM + offs_q[:, None] * HEAD_DIM + offs_d[None, :],
-        (dq * scale).to(dq_ptr.dtype.element_ty),
-        mask=q_ok[:, None],
-    )
+    dq_ptrs = dq_ptr + bh * q_len * HEAD_DIM + offs_q[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    tl.store(dq_ptrs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_ok[:, None])
 
 
 def _config(head_dim: int, dtype: torch.dtype) -> dict:
@@ -278,9 +193,17 @@ def _mask_args(key_mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Te
     return mask, mask.stride(0)
 
 
-def _dot_precision(dtype: torch.dtype) -> str | None:
-    """float32 inputs get full-precision dots, as torch's matmul (no TF32); half types keep the backend default."""
-    return "ieee" if dtype == torch.float32 else None
+def _launch_options(q: torch.Tensor, key_mask: torch.Tensor | None) -> dict:
+    """Compile-time switches and tiles shared by the three kernels."""
+    dtype = q.dtype
+    return {
+        "HAS_MASK": key_mask is not None,
+        # float32 inputs get full-precision dots, as torch's matmul (no TF32); half types keep the default.
+        "DOT_PRECISION": "ieee" if dtype == torch.float32 else None,
+        # Triton's interpreter stores bf16 as raw bits and cannot multiply them.
+        "UPCAST": interpreting() and dtype == torch.bfloat16,
+        **_config(q.shape[-1], dtype),
+    }
 
 
 def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> None:
@@ -305,16 +228,14 @@ def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: to
 
 
 def cross_attention_forward(q, k, v, key_mask):
-    """Returns (out like q, log2-sum-exp [B, H, Lq] float32)."""
-    check_shapes(q, k, v, key_mask)
-    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    """Returns (out like q, log2-sum-exp [B, H, Lq] float32). q, k, v need a unit last stride."""
     batch, n_heads, q_len, head_dim = q.shape
     k_len = k.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, n_heads, q_len), dtype=torch.float32, device=q.device)
-    cfg = _config(head_dim, q.dtype)
+    options = _launch_options(q, key_mask)
     mask, mask_stride = _mask_args(key_mask, q)
-    grid = (triton.cdiv(q_len, cfg["BLOCK_Q"]), batch * n_heads)
+    grid = (triton.cdiv(q_len, options["BLOCK_Q"]), batch * n_heads)
     _attn_fwd[grid](
         q,
         k,
@@ -331,9 +252,7 @@ def cross_attention_forward(q, k, v, key_mask):
         q_len,
         k_len,
         head_dim**-0.5 * math.log2(math.e),
-        HAS_MASK=key_mask is not None,
-        DOT_PRECISION=_dot_precision(q.dtype),
-        **cfg,
+        **options,
     )
     return out, lse
 
@@ -346,7 +265,7 @@ def cross_attention_backward(dout, q, k, v, key_mask, out, lse):
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    cfg = _config(head_dim, q.dtype)
+    options = _launch_options(q, key_mask)
     mask, mask_stride = _mask_args(key_mask, q)
     common = (
         *_strides(q),
@@ -360,12 +279,11 @@ def cross_attention_backward(dout, q, k, v, key_mask, out, lse):
         head_dim**-0.5 * math.log2(math.e),
         head_dim**-0.5,
     )
-    flags = {"HAS_MASK": key_mask is not None, "DOT_PRECISION": _dot_precision(q.dtype), **cfg}
-    _attn_bwd_dkdv[(triton.cdiv(k_len, cfg["BLOCK_K"]), batch * n_heads)](
-        q, k, v, mask, dout, lse, delta, dk, dv, *common, **flags
+    _attn_bwd_dkdv[(triton.cdiv(k_len, options["BLOCK_K"]), batch * n_heads)](
+        q, k, v, mask, dout, lse, delta, dk, dv, *common, **options
     )
-    _attn_bwd_dq[(triton.cdiv(q_len, cfg["BLOCK_Q"]), batch * n_heads)](
-        q, k, v, mask, dout, lse, delta, dq, *common, **flags
+    _attn_bwd_dq[(triton.cdiv(q_len, options["BLOCK_Q"]), batch * n_heads)](
+        q, k, v, mask, dout, lse, delta, dq, *common, **options
     )
     return dq, dk, dv
 
@@ -373,6 +291,7 @@ def cross_attention_backward(dout, q, k, v, key_mask, out, lse):
 class CrossAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_mask):
+        check_shapes(q, k, v, key_mask)
         q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
         out, lse = cross_attention_forward(q, k, v, key_mask)
         ctx.save_for_backward(q, k, v, key_mask, out, lse)
