@@ -175,6 +175,7 @@ def test_loss_spike_halves_the_learning_rate(data, tmp_path, monkeypatch):
         data,
         "train.epochs=4",
         "train.max_steps=13",
+        "train.global_batch_size=2",
         "train.lr_warmup_steps=0",
         "arch.halt_max_steps=1",
     )
