@@ -117,10 +117,21 @@ def _show(result, out: Path | None, as_json: bool) -> None:
     if as_json:
         print_json(metrics)
         return
-    meta = result.predictions.meta
-    title = (
-        f"eval {meta.get('split')} · step {meta.get('step')} · {result.predictions.num_aug} augmentation(s)"
+    meta, puzzles = result.predictions.meta, metrics["num_puzzles"]
+    rows = [
+        {
+            "k": k,
+            "ARC pass@k": f"{metrics[f'pass@{k}']:.2%}",
+            "fully solved": f"{metrics[f'fully_solved@{k}']}/{puzzles}",
+        }
+        for k in result.ks
+    ]
+    title = f"{meta.get('split')} · step {meta.get('step')} · {result.predictions.num_aug} augs"
+    emit(rows, ["k", "ARC pass@k", "fully solved"], False, title=title)
+    extra = f" · train EM {metrics['train_em']:.2%}" if "train_em" in metrics else ""
+    console.print(
+        f"{puzzles} puzzles, {metrics['num_queries']} queries · exact without voting "
+        f"{metrics['exact_no_vote']:.2%}{extra}"
     )
-    emit([{"metric": k, "value": v} for k, v in metrics.items()], ["metric", "value"], False, title=title)
     if out is not None:
         console.print(f"wrote {out}/ (results.json, predictions.npz, submission.json, submission.csv)")
