@@ -106,8 +106,10 @@ def test_predictions_round_trip_and_bad_files(tmp_path):
     with pytest.raises(EtrmError, match="missing"):
         Predictions.load(tmp_path / "other.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(EtrmError, match="junk.npz"):
-        Predictions.load(tmp_path / "junk.npz")
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "predictions.npz").read_bytes()[:300])
+    for bad in ("junk.npz", "cut.npz"):
+        with pytest.raises(EtrmError, match=bad):
+            Predictions.load(tmp_path / bad)
 
 
 def test_builder_rejects_missing_and_repeated_predictions():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,10 +166,10 @@ class Predictions:
                 if missing:
                     raise EtrmError(f"{path} is not an etrm predictions file (missing {', '.join(missing)})")
                 arrays = {k: npz[k] for k in _ARRAY_KEYS}
-        except (OSError, ValueError) as e:
+            meta = json.loads(str(arrays["meta"]))
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
             raise EtrmError(f"cannot read predictions file {path}: {e}") from e
-        meta = json.loads(str(arrays["meta"]))
-        if meta.pop("format", None) != FORMAT:
+        if not isinstance(meta, dict) or meta.pop("format", None) != FORMAT:
             raise EtrmError(f"{path}: unsupported predictions format (expected {FORMAT})")
         try:
             return cls(
