@@ -149,3 +149,20 @@ def test_metrics_log_truncates_rows_past_the_resumed_step(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[1]["train/lm_loss"] == pytest.approx(0.5) and rows[1]["x"] == "nan"
     assert rows[-1]["event"] == "lr_halved"
+
+
+def test_wandb_offline_writes_inside_the_run_folder(tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = get_preset("cpu-smoke")
+    cfg.logging.wandb = "offline"
+    run = tmp_path / "run"
+    run.mkdir()
+    log = MetricsLogger(run, cfg)
+    log.log({"step": 1, "epoch": 0.5, "train/lm_loss": 1.0, "train/steps_hist": [1, 2]})
+    log.close()
+    assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert not (cwd / "wandb").exists()
+    assert read_metrics(run)[0]["train/steps_hist"] == [1, 2]

@@ -186,3 +186,34 @@ def test_loss_spike_halves_the_learning_rate(data, tmp_path, monkeypatch):
     assert events[0]["loss"] > 10 * events[0]["recent_mean"]
     lrs = {r["step"]: r["train/lr"] for r in rows if "train/lr" in r}
     assert lrs[11] == pytest.approx(cfg.train.lr) and lrs[12] == lrs[13] == pytest.approx(cfg.train.lr / 2)
+
+
+TRM_FIXTURE = "/work/shared/reference/trm_parity/trm_A_checkpoint.pt"
+
+
+def test_pretrained_decoder_starts_from_the_trm_checkpoint(data, tmp_path):
+    sizes = [
+        "arch.hidden_size=64",
+        "arch.num_heads=2",
+        "arch.expansion=4",
+        "arch.L_layers=2",
+        "arch.L_cycles=1",
+    ]
+    cfg = tiny_config(
+        "SF5", data, *sizes, "train.max_steps=1", "train.ema=false", f"train.init_from={TRM_FIXTURE}"
+    )
+    run = train(cfg, tmp_path / "run", progress=False)
+    reference = torch.load(TRM_FIXTURE, weights_only=True)
+    trained = load_weights(run / "step-1" / "model.safetensors")
+    prefix = "_orig_mod.model.inner."
+    for key, value in reference.items():
+        name = key.removeprefix(prefix)
+        if name == "puzzle_emb.weights":
+            assert not any("puzzle" in k for k in trained)
+            continue
+        # one AdamATan2 step moves a weight by at most about lr (here 5e-4 in warmup) plus weight decay
+        assert (trained[f"decoder.{name}"] - value).abs().max() < 2e-3, name
+    table = reference[prefix + "puzzle_emb.weights"]
+    used = table[table.abs().sum(-1) > 0]
+    row = read_metrics(run)[0]
+    assert row["encoder/prefix_rms"] == pytest.approx(used.square().mean().sqrt().item(), rel=1e-6)

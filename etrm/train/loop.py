@@ -25,7 +25,7 @@ from torch import nn
 
 from etrm import __version__
 from etrm.config import RunConfig, config_to_dict, load_config
-from etrm.console import make_progress
+from etrm.console import err_console, make_progress
 from etrm.errors import EtrmError
 from etrm.io import atomic_write_json
 from etrm.train import checkpoint as ckpt_io
@@ -178,8 +178,10 @@ class Trainer:
 
         _seed_everything(t.seed)
         self.model = build_model(cfg.arch).to(ctx.device)
+        # The scale of what the context replaces: TRM's puzzle vectors when starting from its checkpoint.
+        self.prefix_rms = None
         if t.init_from and start is None:
-            _init_decoder_from_trm(self.model, t.init_from)
+            self.prefix_rms = _init_decoder_from_trm(self.model, t.init_from, ctx)
         broadcast_parameters_(self.model, ctx)
         self.loss_head = ACTLossHead(self.model)
         self.optimizer = build_optimizer(self.model, t)
@@ -279,6 +281,7 @@ class Trainer:
                 "world_size": self.ctx.world_size,
                 "optimizer": self.optimizer.state_dict(),
                 "lr_scale": self.lr_scale,
+                "prefix_rms": self.prefix_rms,
                 "recent_losses": list(self.recent_losses),
                 "window": self.window.as_state(),
                 "ranks": ranks,
@@ -315,6 +318,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.lr_scale = float(state["lr_scale"])
+        self.prefix_rms = state["prefix_rms"]
         self.recent_losses.extend(state["recent_losses"])
         self.window = Window(**state["window"])
         mine = state["ranks"][self.ctx.rank]
@@ -501,7 +505,9 @@ class Trainer:
         for k, v in w.norms.items():
             row[f"grad/{k}_norm"] = v / w.steps
         row["encoder/context_rms"] = w.context_rms / w.steps
-        row["encoder/prefix_rms"] = _token_embedding_rms(self.model)
+        row["encoder/prefix_rms"] = (
+            self.prefix_rms if self.prefix_rms is not None else _token_embedding_rms(self.model)
+        )
         row["perf/samples_per_s"] = per_sample / max(seconds, 1e-9)
         row["perf/peak_mem_mb"] = _peak_memory_mb(self.ctx.device)
         self.window = Window(steps_hist=[0] * self.cfg.arch.halt_max_steps)
@@ -577,10 +583,21 @@ def open_dataset(path: str):
     return ArcDataset.open(path)
 
 
-def _init_decoder_from_trm(model: nn.Module, path: str) -> None:
-    from etrm.models.trm_checkpoint import init_decoder_from_trm
+def _init_decoder_from_trm(model: nn.Module, path: str, ctx: DistContext) -> float | None:
+    """Load TRM's weights into the decoder; returns the RMS of TRM's trained puzzle vectors (None if blank)."""
+    from etrm.models.trm_checkpoint import PUZZLE_TABLE, init_decoder_from_trm, read_trm_checkpoint
 
-    init_decoder_from_trm(model, path)
+    report = init_decoder_from_trm(model, path)
+    if ctx.is_main:
+        err_console.print(
+            f"decoder initialised from {path}: {len(report.loaded)} tensors loaded, "
+            f"{len(report.missing)} left at init (the encoder), dropped: {', '.join(report.dropped) or 'none'}"
+        )
+    table = read_trm_checkpoint(path).tensors.get(PUZZLE_TABLE)
+    if table is None:
+        return None
+    used = table[table.abs().sum(-1) > 0].float()
+    return used.square().mean().sqrt().item() if used.numel() else None
 
 
 def _all_gather_rows(sparse, ctx: DistContext):
@@ -598,7 +615,10 @@ def _all_gather_rows(sparse, ctx: DistContext):
 
 
 def _token_embedding_rms(model: nn.Module) -> float:
-    """RMS of the decoder's token-embedding table: the scale of the inputs the prefix sits beside."""
+    """RMS of the decoder's token-embedding table: the scale of the inputs the prefix sits beside.
+
+    Used as `encoder/prefix_rms` when no TRM checkpoint gave trained puzzle vectors to compare with.
+    """
     weight = model.decoder.embed_tokens.embedding_weight
     return weight.detach().float().square().mean().sqrt().item()
 
