@@ -61,18 +61,24 @@ def test_no_eligible_run_means_no_winner(tmp_path):
     assert sel.ranking == ["B", "A"]
 
 
-def test_still_improving_is_preferred_over_a_higher_but_declining_run(tmp_path):
-    sel = select(tmp_path, A={"em": 0.40, "history": [0.48, 0.45]}, B={"em": 0.35})
+def test_still_improving_is_preferred_within_three_points(tmp_path):
+    sel = select(tmp_path, A={"em": 0.40, "history": [0.48, 0.45]}, B={"em": 0.38})
     assert (sel.winner, sel.rule) == ("B", "preference")
     assert "not improving" in sel.set_aside["A"]
 
 
+def test_a_preference_never_lifts_a_run_more_than_three_points_behind(tmp_path):
+    sel = select(tmp_path, A={"em": 0.40, "history": [0.48, 0.45]}, B={"em": 0.35})
+    assert (sel.winner, sel.rule) == ("A", "test_em")
+    assert "test EM 35.0%" in sel.set_aside["B"]
+
+
 def test_a_train_test_gap_of_15_points_loses_the_preference(tmp_path):
-    sel = select(tmp_path, A={"em": 0.40, "train": 0.55}, B={"em": 0.35, "train": 0.40})
+    sel = select(tmp_path, A={"em": 0.40, "train": 0.55}, B={"em": 0.38, "train": 0.40})
     assert (sel.winner, sel.rule) == ("B", "preference")
     assert "gap 15.0%" in sel.set_aside["A"]
-    sel = select(tmp_path / "2", A={"em": 0.40, "train": 0.5499}, B={"em": 0.35, "train": 0.40})
-    assert (sel.winner, sel.rule) == ("A", "test_em")
+    sel = select(tmp_path / "2", A={"em": 0.40, "train": 0.5499}, B={"em": 0.38, "train": 0.40})
+    assert sel.winner == "A" and sel.rule != "preference"
 
 
 @pytest.mark.parametrize(

@@ -28,9 +28,10 @@ def report_command(
     """Compare runs and select the winner by the semi-final rules.
 
     1. eligible only with grad ratio (encoder/total, pre-clip) > 0.15;
-    2. prefer still improving (positive test-EM slope over the last evaluations) with train/test gap < 15%;
-    3. highest test EM (pass@1);
-    4. within 3 points: fewer parameters, then lower exploration, then better gradient health.
+    2. highest test EM (pass@1); runs within 3 points of it stay;
+    3. among those, prefer still improving (positive test-EM slope over the last evaluations)
+       with train/test gap < 15%;
+    4. then fewer parameters, then lower exploration, then better gradient health.
     """
     from etrm.report.build import RANKING_COLUMNS, REPORT_FILE, build_report, ranking_rows
 

@@ -1,10 +1,12 @@
 """Picking the semi-final winner by the experiment design's rules, in their order.
 
 1. eligible: evaluated, and grad ratio (encoder/total, pre-clip, last window) > 0.15;
-2. prefer runs still improving (positive test-EM slope over the last evaluations)
-   with a train/test gap under 15 points: the runs meeting the most of these two stay;
-3. highest test EM (pass@1); every run within 3 points of it stays;
-4. among those: fewer parameters, then lower exploration (arch.halt_exploration_prob),
+2. highest test EM (pass@1); every run within 3 points of it stays;
+3. among those, prefer runs still improving (positive test-EM slope over the last
+   evaluations) with a train/test gap under 15 points: the runs meeting the most of
+   these two stay. Test EM stays the primary criterion: a preference never lifts a
+   run over one more than 3 points better;
+4. then fewer parameters, then lower exploration (arch.halt_exploration_prob),
    then better gradient health (higher ratio), then name order.
 
 Each rule keeps the best runs and sets the others aside; the rule that decided is
@@ -148,15 +150,15 @@ def select_winner(summaries: list[RunSummary]) -> Selection:
         ranking = sorted(summaries, key=lambda s: (-_finite(s.test_em), s.name))
         return Selection(None, "none_eligible", rules.reasoning, [s.name for s in ranking], rules.set_aside)
 
-    best_score = max(map(_preference_score, rules.pool))
-    rules.keep("preference", [s for s in rules.pool if _preference_score(s) == best_score], _show_preference)
-
     top = max(s.test_em for s in rules.pool)
     rules.keep(
         "test_em",
         [s for s in rules.pool if top - s.test_em <= TIE_MARGIN + _TOLERANCE],
         lambda s: f"test EM {_pct(s.test_em)}",
     )
+
+    best_score = max(map(_preference_score, rules.pool))
+    rules.keep("preference", [s for s in rules.pool if _preference_score(s) == best_score], _show_preference)
     for rule, key, show in _tie_breaks():
         if len(rules.pool) == 1:
             break
