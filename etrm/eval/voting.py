@@ -92,13 +92,9 @@ def score(
     target_ranks = np.asarray(target_ranks, dtype=np.int64)
     solved = target_ranks[:, None] < np.asarray(ks, dtype=np.int64)[None, :]
     queries_per_puzzle = np.bincount(query_task, minlength=num_puzzles).astype(np.float64)
-    puzzle_pass = (
-        np.stack(
-            [np.bincount(query_task, weights=solved[:, j], minlength=num_puzzles) for j in range(len(ks))],
-            axis=1,
-        ).reshape(num_puzzles, len(ks))
-        / queries_per_puzzle[:, None]
-    )
+    puzzle_pass = np.zeros((num_puzzles, len(ks)))
+    np.add.at(puzzle_pass, query_task, solved)
+    puzzle_pass /= queries_per_puzzle[:, None]
     exact = np.bincount(query_task, weights=identity_exact, minlength=num_puzzles) / queries_per_puzzle
     return Scores(ks=ks, solved=solved, puzzle_pass=puzzle_pass, exact_no_vote=exact)
 
