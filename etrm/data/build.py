@@ -205,11 +205,9 @@ def pair_key(input_grid: np.ndarray, output_grid: np.ndarray) -> bytes:
         moved = [np.ascontiguousarray(apply_dihedral(g, dihedral)) for g in (input_grid, output_grid)]
         cells = np.concatenate([m.ravel() for m in moved])
         # Relabel non-zero colours by order of first appearance (0 stays 0).
-        values, first = np.unique(cells, return_index=True)
-        order = values[np.argsort(first)]
+        order = [c for c in dict.fromkeys(cells.tolist()) if c != 0]
         relabel = np.zeros(10, np.uint8)
-        nonzero = order[order != 0]
-        relabel[nonzero] = np.arange(1, len(nonzero) + 1)
+        relabel[order] = np.arange(1, len(order) + 1)
         canonical = b"".join(bytes(m.shape) + relabel[m].tobytes() for m in moved)
         if best is None or canonical < best:
             best = canonical

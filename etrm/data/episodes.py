@@ -17,13 +17,7 @@ import math
 
 import numpy as np
 
-from etrm.data.augment import (
-    NUM_DIHEDRAL,
-    all_dihedral_canvases,
-    token_lut,
-    transformed_shapes,
-    translate_canvases,
-)
+from etrm.data.augment import NUM_DIHEDRAL, CanvasBank, transformed_shapes
 from etrm.data.encoding import CANVAS, IGNORE_LABEL_ID, PAD_TOKEN, SEQ_LEN
 from etrm.errors import EtrmError
 
@@ -73,8 +67,7 @@ class EpisodeSampler:
         self.epoch = 0
         self.position = 0  # batches of the current epoch already yielded
 
-        # Row 8 * grid + dihedral holds that stored grid under that transform.
-        self._canvases = all_dihedral_canvases(split.tokens, split.shapes).reshape(-1, SEQ_LEN)
+        self._bank = CanvasBank(split.tokens, split.shapes)
         stored_augs = np.diff(split.aug_offsets)
         self._augs_per_group = np.minimum(stored_augs, num_aug) if num_aug else stored_augs
         pair_counts = np.diff(split.pair_offsets)
@@ -167,39 +160,38 @@ class EpisodeSampler:
             skip = np.full(n, np.iinfo(np.int64).max)
         slot = np.arange(slots)[None, :]
         demo_mask = slot < available[:, None]
-        demo_local = slot + (slot >= skip[:, None])
-        demo_pairs = (first_pair[:, None] + demo_local)[demo_mask]
-        demo_owner = np.nonzero(demo_mask)[0]
+        demo_pairs = np.where(demo_mask, first_pair[:, None] + slot + (slot >= skip[:, None]), 0)
 
-        # Every pair to draw: the n queries first, then the present demos, each with its episode's augmentation.
-        pairs = np.concatenate([first_pair + local_query, demo_pairs])
-        aug_row = (split.aug_offsets[group] + aug)[np.concatenate([np.arange(n), demo_owner])]
-        dihedral = split.aug_dihedral[aug_row].astype(np.int64)
-        input_tokens = self._canvases[2 * NUM_DIHEDRAL * pairs + dihedral]
-        output_tokens = self._canvases[(2 * pairs + 1) * NUM_DIHEDRAL + dihedral]
+        # Rows 0..n-1 hold the queries and row n + e * slots + s demo slot s of episode e, so that
+        # inputs and demo_inputs are contiguous views of one array; absent slots are BLANK rows.
+        pairs = np.concatenate([first_pair + local_query, demo_pairs.reshape(-1)])
+        present = np.concatenate([np.ones(n, bool), demo_mask.reshape(-1)])
+        aug_row = split.aug_offsets[group] + aug
+        row_aug = np.concatenate([aug_row, np.repeat(aug_row, slots)])
+        dihedral = split.aug_dihedral[row_aug].astype(np.int64)
+        colors = split.aug_colors[row_aug]
+        offsets = None
         if offsets_rng is not None:
-            offsets = self._random_offsets(pairs, dihedral, offsets_rng)
-            input_tokens = translate_canvases(input_tokens, offsets)
-            output_tokens = translate_canvases(output_tokens, offsets)
-        luts = token_lut(split.aug_colors[aug_row]).astype(np.int64)
-        label_luts = luts.copy()
-        label_luts[:n, PAD_TOKEN] = IGNORE_LABEL_ID
-        inputs = torch.gather(torch.from_numpy(luts), 1, torch.from_numpy(input_tokens).long())
-        outputs = torch.gather(torch.from_numpy(label_luts), 1, torch.from_numpy(output_tokens).long())
-
-        # np.zeros maps untouched pages lazily, so absent demo slots cost almost nothing.
-        demo_inputs = torch.from_numpy(np.zeros((n * slots, SEQ_LEN), np.int64))
-        demo_outputs = torch.from_numpy(np.zeros((n * slots, SEQ_LEN), np.int64))
-        present = torch.from_numpy(np.flatnonzero(demo_mask))
-        demo_inputs[present] = inputs[n:]
-        demo_outputs[present] = outputs[n:]
+            offsets = np.where(present[:, None], self._random_offsets(pairs, dihedral, offsets_rng), 0)
+        inputs, outputs = (
+            torch.from_numpy(
+                self._bank.render(
+                    np.where(present, (2 * pairs + side) * NUM_DIHEDRAL + dihedral, self._bank.blank),
+                    colors,
+                    offsets,
+                )
+            )
+            for side in (0, 1)
+        )
+        labels = outputs[:n]
+        labels[labels == PAD_TOKEN] = IGNORE_LABEL_ID
         return {
             "inputs": inputs[:n],
-            "labels": outputs[:n],
-            "demo_inputs": demo_inputs.view(n, slots, SEQ_LEN),
-            "demo_outputs": demo_outputs.view(n, slots, SEQ_LEN),
+            "labels": labels,
+            "demo_inputs": inputs[n:].view(n, slots, SEQ_LEN),
+            "demo_outputs": outputs[n:].view(n, slots, SEQ_LEN),
             "demo_mask": torch.from_numpy(demo_mask),
-            "puzzle_identifiers": torch.from_numpy(split.puzzle_identifiers[aug_row[:n]].astype(np.int64)),
+            "puzzle_identifiers": torch.from_numpy(split.puzzle_identifiers[aug_row].astype(np.int64)),
             "group_ids": torch.from_numpy(group.astype(np.int64)),
             "aug_ids": torch.from_numpy(aug.astype(np.int64)),
             "query_ids": torch.from_numpy(
