@@ -1,0 +1,244 @@
+"""Training-step speed: seconds per optimizer step (forward, loss, backward, optimizer) and samples/s.
+
+    python benchmarks/bench_train_step.py [--parts trm,encoders,smoke,full] [--steps 2] [--device cpu]
+
+- trm: the ARC-size TRM (puzzle-id context, hidden 512, 8 heads, 2 layers) in float32, at the
+  two settings the reference TRM code was timed at on this kind of machine with 2 threads:
+  batch 1 with H_cycles 3 / L_cycles 6 (about 4.1 s per step) and batch 8 with H3 / L4, the ARC
+  recipe (about 25 s per step).
+- encoders: each encoder type at its semi-final size, reduced batch: the encoder's share of a step
+  (its forward + backward timed alone, over the whole step).
+- smoke / full: samples/s of each semi-final preset at `cpu-smoke` size (its batch of 4) and at
+  full size with batch 8. Presets that differ only in exploration cost the same per step.
+
+A step is one ACT step for every row (TRM's training step) on synthetic episodes with ARC-like
+grids (3–30 cells a side, 3 demos). Rows are appended to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from etrm.config import RunConfig, apply_overrides, get_preset
+from etrm.data.encoding import IGNORE_LABEL_ID, encode_grid
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+HEADING = "## bench_train_step"
+ARC_TRM = ["data.max_demos=10", "arch.num_puzzle_identifiers=1000"]
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"load avg {os.getloadavg()[0]:.1f}"
+    )
+
+
+def synthetic_batch(cfg: RunConfig, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Episodes with random ARC-sized grids: 3 demos present (ARC's average) of max_demos slots."""
+    rng = np.random.default_rng(seed)
+    slots = cfg.data.max_demos
+    num_demos = min(3, slots)
+
+    def grid():
+        h, w = rng.integers(3, 31, size=2)
+        return encode_grid(rng.integers(0, 10, size=(h, w)))
+
+    demo_inputs = np.zeros((batch_size, slots, 900), np.int64)
+    demo_outputs = np.zeros((batch_size, slots, 900), np.int64)
+    for b in range(batch_size):
+        for d in range(num_demos):
+            demo_inputs[b, d], demo_outputs[b, d] = grid(), grid()
+    labels = np.stack([grid() for _ in range(batch_size)]).astype(np.int64)
+    labels[labels == 0] = IGNORE_LABEL_ID
+    mask = np.zeros((batch_size, slots), bool)
+    mask[:, :num_demos] = True
+    n = max(cfg.arch.num_puzzle_identifiers, 1)
+    return {
+        "inputs": torch.from_numpy(np.stack([grid() for _ in range(batch_size)]).astype(np.int64)),
+        "labels": torch.from_numpy(labels),
+        "demo_inputs": torch.from_numpy(demo_inputs),
+        "demo_outputs": torch.from_numpy(demo_outputs),
+        "demo_mask": torch.from_numpy(mask),
+        "puzzle_identifiers": torch.from_numpy(
+            rng.integers(1, n, size=batch_size) if n > 1 else np.zeros(batch_size, int)
+        ),
+        "group_ids": torch.zeros(batch_size, dtype=torch.long),
+        "aug_ids": torch.zeros(batch_size, dtype=torch.long),
+        "query_ids": torch.zeros(batch_size, dtype=torch.long),
+        "valid": torch.ones(batch_size, dtype=torch.bool),
+    }
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(cfg: RunConfig, batch_size: int, steps: int, device: torch.device) -> dict[str, float]:
+    """Mean seconds per training step (after one warm-up step), and the encoder's forward+backward alone."""
+    from etrm.models import build_model
+    from etrm.models.losses import ACTLossHead
+    from etrm.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(cfg.arch).to(device).train()
+    head = ACTLossHead(model)
+    optimizer = build_optimizer(model, cfg.train)
+    batch = {k: v.to(device) for k, v in synthetic_batch(cfg, batch_size).items()}
+    carry = head.initial_carry(batch)
+    sparse = model.encoder if hasattr(model.encoder, "take_sparse_grads") else None
+
+    def step():
+        nonlocal carry
+        carry, loss, _, _, _ = head(carry, batch)
+        (loss / batch_size).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if sparse is not None:
+            taken = sparse.take_sparse_grads()
+            if taken is not None:
+                sparse.sign_sgd_step(
+                    *taken, lr=cfg.train.puzzle_emb_lr, weight_decay=cfg.train.puzzle_emb_weight_decay
+                )
+
+    step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    result = {"step_s": (time.perf_counter() - start) / steps}
+
+    if list(model.encoder.parameters()):
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if device.type == "cuda"
+            else torch.autocast("cpu", enabled=False)
+        )
+
+        def encode():
+            with autocast:
+                context, kl = model.encoder(batch)
+            (context.float().square().sum() + (kl.sum() if kl is not None else 0)).backward()
+            model.zero_grad(set_to_none=True)
+
+        encode()
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            encode()
+        sync(device)
+        result["encoder_s"] = (time.perf_counter() - start) / steps
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--parts", default="trm,encoders,smoke,full")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per row (after one warm-up step)")
+    parser.add_argument(
+        "--encoder-batch", type=int, default=2, help="the reduced batch of the encoder-share rows"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    args = parser.parse_args()
+    os.environ.setdefault("ETRM_KERNELS", "auto")
+    device = torch.device(args.device)
+    parts = set(args.parts.split(","))
+    rows: list[dict] = []
+
+    def add(benchmark: str, size: str, value: str, reference: str = "") -> None:
+        rows.append({"benchmark": benchmark, "size": size, "value": value, "reference": reference})
+        console.print(f"{benchmark} | {size} | {value} {reference}")
+
+    console = Console()
+    if "trm" in parts:
+        for batch, h, l_cycles, ref in [(1, 3, 6, 4.1), (8, 3, 4, 25.0)]:
+            cfg = apply_overrides(
+                get_preset("trm"), [*ARC_TRM, f"arch.H_cycles={h}", f"arch.L_cycles={l_cycles}"]
+            )
+            cfg.arch.forward_dtype = "float32"
+            t = time_steps(cfg, batch, args.steps, device)
+            add(
+                "TRM step (fwd+loss+bwd+AdamATan2), float32",
+                f"ARC size, batch {batch}, H{h}×L{l_cycles}",
+                f"{t['step_s']:.2f} s/step",
+                f"reference TRM code: {ref} s/step (2 threads)",
+            )
+    if "encoders" in parts:
+        for preset in ("SF5", "SF1", "SF3", "E2b"):
+            cfg = get_preset(preset)
+            t = time_steps(cfg, args.encoder_batch, args.steps, device)
+            a = cfg.arch
+            add(
+                "encoder share of a step (encoder fwd+bwd / step)",
+                f"{a.encoder_type} ({a.encoder_num_layers} layers, {preset} size), batch {args.encoder_batch}",
+                f"{100 * t['encoder_s'] / t['step_s']:.0f}% ({t['encoder_s']:.2f} of {t['step_s']:.2f} s)",
+            )
+    for size, batch_override, part in [("cpu-smoke", None, "smoke"), ("full", 8, "full")]:
+        if part not in parts:
+            continue
+        for presets in (("SF1", "SF2"), ("SF3", "SF4"), ("SF5", "SF6")):
+            cfg = get_preset(presets[0], size=size)
+            batch = batch_override or cfg.train.global_batch_size
+            t = time_steps(cfg, batch, args.steps, device)
+            add(
+                "samples/s (ACT steps of one row per second)",
+                f"{' = '.join(presets)} ({cfg.arch.encoder_type}) at {size} size, batch {batch}",
+                f"{batch / t['step_s']:.2f} samples/s ({t['step_s']:.2f} s/step)",
+            )
+
+    table = Table(title=f"bench_train_step on {machine(device)}")
+    for column in ("benchmark", "size", "value", "reference"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        table.add_row(r["benchmark"], r["size"], r["value"], r["reference"])
+    console.print(table)
+    if not args.no_record and rows:
+        record(rows, machine(device))
+
+
+def record(rows: list[dict], where: str) -> None:
+    """Append rows under this benchmark's heading in RESULTS.md (creating the heading if needed)."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"| {stamp} | {where} | {r['benchmark']} | {r['size']} | {r['value']} | {r['reference']} |"
+        for r in rows
+    ]
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if HEADING not in text:
+        text = text.rstrip("\n") + (
+            f"\n\n{HEADING}\n\n| date | machine | benchmark | size | value | reference |\n|---|---|---|---|---|---|\n"
+        )
+        text += "\n".join(lines) + "\n"
+    else:
+        start = text.index(HEADING)
+        nxt = text.find("\n## ", start + len(HEADING))
+        end = len(text) if nxt == -1 else nxt
+        section = text[start:end].rstrip("\n") + "\n" + "\n".join(lines) + "\n"
+        text = text[:start] + section + text[end:]
+    RESULTS.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
