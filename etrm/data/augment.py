@@ -122,8 +122,8 @@ def all_dihedral_canvases(tokens: np.ndarray, shapes: np.ndarray) -> np.ndarray:
 
 
 class CanvasBank:
-    """Every stored grid under every dihedral transform (row 8 * grid + dihedral; the last row,
-    BLANK, is all PAD), with the list of each row's colour cells.
+    """Every stored grid under every dihedral transform (row 8 * grid + dihedral), with the list
+    of each row's colour cells.
 
     Augmenting a batch is then a row copy widened to int64 plus a recolouring of the
     colour cells alone: grids cover about a seventh of the canvas on average, so this is
@@ -131,35 +131,43 @@ class CanvasBank:
     """
 
     def __init__(self, tokens: np.ndarray, shapes: np.ndarray):
-        canvases = all_dihedral_canvases(tokens, shapes).reshape(-1, SEQ_LEN)
-        self.canvases = np.concatenate([canvases, np.zeros((1, SEQ_LEN), np.uint8)])
-        self.blank = len(canvases)
+        self.canvases = all_dihedral_canvases(tokens, shapes).reshape(-1, SEQ_LEN)
         is_colour = self.canvases >= COLOR_OFFSET
         self.cell_offsets = np.concatenate([[0], np.cumsum(is_colour.sum(axis=1))])
         bank_row, position = np.nonzero(is_colour)
         self.cell_positions = position.astype(np.int16)
         self.cell_colours = (self.canvases[bank_row, position] - COLOR_OFFSET).astype(np.intp)
 
-    def render(
-        self, bank_rows: np.ndarray, colors: np.ndarray, offsets: np.ndarray | None = None
-    ) -> np.ndarray:
-        """Augmented tokens int64 [m, 900]: bank_rows [m] pick (grid, dihedral) or BLANK, colors [m, 10]
-        the colour permutations, offsets [m, 2] an optional translation (row, column)."""
+    def render_into(
+        self,
+        out: np.ndarray,
+        dest_rows: np.ndarray,
+        bank_rows: np.ndarray,
+        colors: np.ndarray,
+        offsets: np.ndarray | None = None,
+    ) -> None:
+        """out[dest_rows] = augmented tokens. out: C-contiguous int64 [*, 900]; dest_rows [m] increasing;
+        bank_rows [m] pick (grid, dihedral); colors [m, 10] the colour permutations; offsets [m, 2] an
+        optional translation (row, column). Rows of out not named are left untouched."""
         canvases = self.canvases[bank_rows]
         if offsets is not None:
             canvases = translate_canvases(canvases, offsets)
-        out = canvases.astype(np.int64)
+        # Copy runs of consecutive destination rows as slices (a casting fancy-index store is slow).
+        run_starts = np.flatnonzero(np.diff(dest_rows, prepend=-2) != 1)
+        run_ends = np.append(run_starts[1:], len(dest_rows))
+        for start, end in zip(run_starts.tolist(), run_ends.tolist(), strict=True):
+            first = int(dest_rows[start])
+            out[first : first + end - start] = canvases[start:end]
         starts = self.cell_offsets[bank_rows]
         counts = self.cell_offsets[bank_rows + 1] - starts
         owner = np.repeat(np.arange(len(bank_rows)), counts)
         cell = np.arange(int(counts.sum())) + np.repeat(starts - (np.cumsum(counts) - counts), counts)
-        position = owner * SEQ_LEN + self.cell_positions[cell]
+        position = dest_rows[owner] * SEQ_LEN + self.cell_positions[cell]
         if offsets is not None:
             position += (offsets[:, 0] * CANVAS + offsets[:, 1])[owner]
         out.reshape(-1)[position] = (
             colors.reshape(-1)[owner * NUM_COLORS + self.cell_colours[cell]] + COLOR_OFFSET
         )
-        return out
 
 
 def translate_canvases(canvases: np.ndarray, offsets: np.ndarray) -> np.ndarray:

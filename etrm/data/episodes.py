@@ -160,34 +160,29 @@ class EpisodeSampler:
             skip = np.full(n, np.iinfo(np.int64).max)
         slot = np.arange(slots)[None, :]
         demo_mask = slot < available[:, None]
-        demo_pairs = np.where(demo_mask, first_pair[:, None] + slot + (slot >= skip[:, None]), 0)
+        demo_pairs = first_pair[:, None] + slot + (slot >= skip[:, None])
 
         # Rows 0..n-1 hold the queries and row n + e * slots + s demo slot s of episode e, so that
-        # inputs and demo_inputs are contiguous views of one array; absent slots are BLANK rows.
-        pairs = np.concatenate([first_pair + local_query, demo_pairs.reshape(-1)])
-        present = np.concatenate([np.ones(n, bool), demo_mask.reshape(-1)])
+        # inputs and demo_inputs are contiguous views of one array. np.zeros maps pages lazily:
+        # absent demo slots cost nothing here.
+        pairs = np.concatenate([first_pair + local_query, demo_pairs[demo_mask]])
+        dest = np.concatenate([np.arange(n), n + np.flatnonzero(demo_mask)])
         aug_row = split.aug_offsets[group] + aug
-        row_aug = np.concatenate([aug_row, np.repeat(aug_row, slots)])
+        row_aug = np.concatenate([aug_row, aug_row[np.nonzero(demo_mask)[0]]])
         dihedral = split.aug_dihedral[row_aug].astype(np.int64)
         colors = split.aug_colors[row_aug]
-        offsets = None
-        if offsets_rng is not None:
-            offsets = np.where(present[:, None], self._random_offsets(pairs, dihedral, offsets_rng), 0)
-        inputs, outputs = (
-            torch.from_numpy(
-                self._bank.render(
-                    np.where(present, (2 * pairs + side) * NUM_DIHEDRAL + dihedral, self._bank.blank),
-                    colors,
-                    offsets,
-                )
+        offsets = None if offsets_rng is None else self._random_offsets(pairs, dihedral, offsets_rng)
+        inputs, outputs = (np.zeros((n * (1 + slots), SEQ_LEN), np.int64) for _ in range(2))
+        for side, buffer in ((0, inputs), (1, outputs)):
+            self._bank.render_into(
+                buffer, dest, (2 * pairs + side) * NUM_DIHEDRAL + dihedral, colors, offsets
             )
-            for side in (0, 1)
-        )
         labels = outputs[:n]
-        labels[labels == PAD_TOKEN] = IGNORE_LABEL_ID
+        np.putmask(labels, labels == PAD_TOKEN, IGNORE_LABEL_ID)
+        inputs, outputs = torch.from_numpy(inputs), torch.from_numpy(outputs)
         return {
             "inputs": inputs[:n],
-            "labels": labels,
+            "labels": outputs[:n],
             "demo_inputs": inputs[n:].view(n, slots, SEQ_LEN),
             "demo_outputs": outputs[n:].view(n, slots, SEQ_LEN),
             "demo_mask": torch.from_numpy(demo_mask),
