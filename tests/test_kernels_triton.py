@@ -1,8 +1,8 @@
 """Triton kernels (run in Triton's CPU interpreter) against a float64 evaluation of etrm.kernels.reference.
 
-Tolerance rule (flash-attention's), in float32, float16 and bfloat16 (upcast in the interpreter): the kernel's largest error against float64 must be within
-twice the error of plain PyTorch (the reference run at the same precision) plus about one
-unit in the last place of the output's scale.
+Tolerance rule (flash-attention's), in float32, float16 and bfloat16: the kernel's largest
+error against float64 must be within twice the error of plain PyTorch (the reference run at
+the same precision) plus about one unit in the last place of the output's scale.
 """
 
 from __future__ import annotations
@@ -11,10 +11,13 @@ import importlib
 import os
 import subprocess
 import sys
+from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
+from etrm.config import ENCODER_TYPES, ArchConfig
 from etrm.errors import EtrmError
 from etrm.kernels import reference
 
@@ -24,16 +27,25 @@ KERNEL_MODULES = ("rms_norm", "swiglu", "rotary", "cross_attention")
 
 @pytest.fixture(scope="module")
 def ops():
-    """etrm.kernels.triton_ops with interpreted kernels (re-imported if someone jitted them for a GPU first)."""
-    # Triton picks the interpreter when @triton.jit runs, i.e. when the kernel modules are imported.
+    """etrm.kernels.triton_ops with interpreted kernels (re-imported if someone jitted them for a GPU first).
+
+    Triton reads TRITON_INTERPRET when @triton.jit runs (at import) and the launchers read it per call
+    to pick the interpreter's tiles, so it stays set for this module's tests and is restored after.
+    """
+    previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     from triton.runtime.interpreter import InterpretedFunction
 
     modules = [importlib.import_module(f"etrm.kernels.{name}_triton") for name in KERNEL_MODULES]
     if not isinstance(modules[0]._add_rms_norm_fwd, InterpretedFunction):
-        modules = [importlib.reload(module) for module in modules]
+        for module in modules:
+            importlib.reload(module)
         importlib.reload(importlib.import_module("etrm.kernels.triton_ops"))
-    return importlib.import_module("etrm.kernels.triton_ops")
+    yield importlib.import_module("etrm.kernels.triton_ops")
+    if previous is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = previous
 
 
 def run_with_grads(fn, tensors, grad_out, dtype):
@@ -215,6 +227,100 @@ def test_dispatch_honours_etrm_kernels(ops, monkeypatch):
     monkeypatch.setenv("ETRM_KERNELS", "cuda")
     with pytest.raises(EtrmError, match="ETRM_KERNELS"):
         kernels.swiglu(gate, up)
+
+
+def tiny_episode() -> dict:
+    """One query with two small demos, as EpisodeSampler would batch it."""
+    from etrm.data.encoding import encode_grid
+
+    rng = np.random.default_rng(0)
+
+    def tokens(height: int, width: int) -> torch.Tensor:
+        return torch.from_numpy(encode_grid(rng.integers(0, 10, (height, width))).astype(np.int64))
+
+    inputs = tokens(3, 4)[None]
+    return {
+        "inputs": inputs,
+        "labels": torch.where(inputs == 0, -100, inputs),
+        "demo_inputs": torch.stack([tokens(3, 3), tokens(2, 4)])[None],
+        "demo_outputs": torch.stack([tokens(3, 3), tokens(4, 2)])[None],
+        "demo_mask": torch.tensor([[True, True]]),
+        "puzzle_identifiers": torch.tensor([1]),
+    }
+
+
+def two_act_steps(encoder_type: str, batch: dict) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Losses and logits of two ACT steps of a freshly seeded tiny ETRM, and every parameter's gradient."""
+    from etrm.models import build_model
+    from etrm.models.losses import ACTLossHead
+
+    torch.manual_seed(0)
+    arch = ArchConfig(
+        hidden_size=32,
+        num_heads=2,
+        expansion=2.0,
+        L_layers=1,
+        H_cycles=1,
+        L_cycles=1,
+        halt_max_steps=2,
+        halt_exploration_prob=0.0,
+        puzzle_emb_len=4,
+        context_len=2,
+        encoder_type=encoder_type,
+        encoder_num_layers=1,
+        encoder_hidden_size=32,
+        encoder_num_heads=2,
+        encoder_latent_dim=8,
+        num_puzzle_identifiers=3,
+    )
+    head = ACTLossHead(build_model(arch)).train()
+    carry = head.initial_carry(batch)
+    results = []
+    for _ in range(2):
+        carry, loss, _, outputs, _ = head(carry, batch)
+        loss.backward()
+        results += [loss.detach(), outputs["logits"].detach()]
+    return results, {name: p.grad for name, p in head.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("encoder_type", ENCODER_TYPES)
+def test_tiny_etrm_with_triton_kernels_matches_torch_path(ops, encoder_type, monkeypatch):
+    """Forward and backward of every encoder type through the Triton kernels equal the torch path in float32.
+
+    Every fused-op call the torch path makes must go to Triton instead (the hybrid encoders' set pool
+    is where cross_attention runs).
+    """
+    from etrm.kernels import dispatch
+
+    calls = {"torch": Counter(), "triton": Counter()}
+
+    def counted(mode: str, name: str, fn):
+        def wrapper(*args):
+            calls[mode][name] += 1
+            return fn(*args)
+
+        return wrapper
+
+    for name in ("add_rms_norm", "swiglu", "apply_rotary", "cross_attention"):
+        monkeypatch.setattr(dispatch.reference, name, counted("torch", name, getattr(reference, name)))
+        monkeypatch.setattr(ops, name, counted("triton", name, getattr(ops, name)))
+    batch = tiny_episode()
+    monkeypatch.setenv("ETRM_KERNELS", "torch")
+    torch_results, torch_grads = two_act_steps(encoder_type, batch)
+    monkeypatch.setenv("ETRM_KERNELS", "triton")
+    triton_results, triton_grads = two_act_steps(encoder_type, batch)
+
+    assert (
+        calls["triton"] == calls["torch"]
+        and calls["triton"]["add_rms_norm"] > 0
+        and calls["triton"]["swiglu"] > 0
+    )
+    for expected, got in zip(torch_results, triton_results, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert triton_grads.keys() == torch_grads.keys() and len(torch_grads) > 0
+    for name, expected in torch_grads.items():
+        scale = expected.abs().max().item()
+        assert (triton_grads[name] - expected).abs().max().item() <= 1e-4 * scale + 1e-7, name
 
 
 def compile_for_hopper() -> list[str]:
