@@ -108,9 +108,21 @@ def test_context_invariant_to_demo_order_and_empty_slots(encoder_type, demos):
         assert kl_reference is None and kl_shuffled is None
 
 
+@pytest.mark.parametrize("encoder_type", VARIATIONAL)
+def test_training_samples_ignore_empty_slots(encoder_type, demos):
+    """With the same seed, trailing empty slots leave the sampled context unchanged."""
+    encoder = fresh_encoder(encoder_type).train()
+    with torch.no_grad():
+        torch.manual_seed(5)
+        reference, _ = encoder(make_batch([demos, demos[:1]], 3))
+        torch.manual_seed(5)
+        padded, _ = encoder(make_batch([demos, demos[:1]], 6, garbage_in_empty=True))
+    assert torch.allclose(reference, padded, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("encoder_type", ENCODER_TYPES)
 def test_context_of_a_row_does_not_depend_on_the_other_rows(encoder_type, demos):
-    """Other rows' larger grids widen the crop; the extra PAD cells must stay masked."""
+    """Other rows' larger grids lengthen every demo's sequence; the padded tail must stay masked."""
     rng = np.random.default_rng(1)
     big = [random_pair(rng, 30, 30), random_pair(rng, 12, 7)]
     encoder = fresh_encoder(encoder_type)
