@@ -61,13 +61,17 @@ def all_reduce_sum_(tensors: list[torch.Tensor], ctx: DistContext) -> None:
 
 
 def all_reduce_grads_(params: list[torch.nn.Parameter], ctx: DistContext) -> None:
-    """Sum gradients over ranks; a parameter without a gradient on one rank counts as zero there."""
+    """Sum gradients over ranks. A parameter with a gradient on some rank gets one everywhere (zero where
+    it had none); one without a gradient on every rank keeps None, as in a single process."""
     if ctx.world_size == 1:
         return
-    for p in params:
+    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=ctx.device)
+    dist.all_reduce(has_grad)
+    with_grad = [p for p, flag in zip(params, has_grad.tolist(), strict=True) if flag > 0]
+    for p in with_grad:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    all_reduce_sum_([p.grad for p in params], ctx)
+    all_reduce_sum_([p.grad for p in with_grad], ctx)
 
 
 def broadcast_parameters_(module: torch.nn.Module, ctx: DistContext) -> None:

@@ -230,7 +230,11 @@ class Trainer:
                 ckpt_io.remove_partial_checkpoints(self.run_dir)
             barrier(self.ctx)
             return ckpt_io.resolve_checkpoint(self.run_dir)
-        if ckpt_io.complete_checkpoints(self.run_dir) or (self.run_dir / "metrics.jsonl").exists():
+        # Rank 0 decides: the other ranks must not see the files it is about to create.
+        taken = self.ctx.is_main and bool(
+            ckpt_io.complete_checkpoints(self.run_dir) or (self.run_dir / "metrics.jsonl").exists()
+        )
+        if broadcast_from_main(taken, self.ctx):
             raise EtrmError(
                 f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} or choose another --out"
             )
@@ -238,11 +242,14 @@ class Trainer:
 
     def _write_run_info(self, preset: str) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        info_file = self.run_dir / "run_info.json"
+        if not preset and info_file.is_file():  # a resumed run keeps the preset it started from
+            preset = json.loads(info_file.read_text()).get("preset", "")
         atomic_write_json(self.run_dir / "config.json", config_to_dict(self.cfg))
         encoder_params = sum(p.numel() for p in self.model.encoder.parameters())
         total = sum(p.numel() for p in self.model.parameters())
         atomic_write_json(
-            self.run_dir / "run_info.json",
+            info_file,
             {
                 "name": self.cfg.logging.run_name or self.run_dir.name,
                 "preset": preset,
