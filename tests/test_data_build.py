@@ -243,3 +243,48 @@ def test_cli_build_info_show_verify(sources, tmp_path):
     assert missing.returncode == 2 and "task 'nope' is not in" in missing.stderr
     bad = run_cli("build", "--source", "arc-agi-9", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "--source 'arc-agi-9'" in bad.stderr
+
+
+def test_real_arc_sources_leakage_and_duplicates(tmp_path):
+    """ARC-AGI-2 training holds most ARC-AGI-1 evaluation tasks; two ARC-AGI-1 training tasks
+    repeat evaluation pairs (40853293 ~ 070dd51e verbatim, caa06a1f ~ 50a16a69 up to symmetry)."""
+    options = BuildOptions(
+        ["arc-agi-1-train", "arc-agi-2-train"], ["arc-agi-1-eval"], tmp_path / "ds", num_aug=1
+    )
+    manifest = build_dataset(options)
+    leaked = {(d["task"], d["source"]): d["matches"] for d in manifest["dropped_for_leakage"]}
+    assert leaked[("40853293", "arc-agi-1-train")] == ["070dd51e"]
+    assert leaked[("caa06a1f", "arc-agi-1-train")] == ["50a16a69"]
+    from_arc2 = [task for task, source in leaked if source == "arc-agi-2-train"]
+    assert len(from_arc2) >= 370  # every ARC-AGI-1 eval task copied into ARC-AGI-2 training
+    assert len(manifest["dropped_duplicates"]) == 391  # ARC-AGI-2 re-uses ARC-AGI-1 training ids
+    assert manifest["counts"]["test"] == {
+        "puzzles": 400,
+        "pairs": 1782,
+        "demos": 1363,
+        "queries": 419,
+        "augmentations": 400,
+    }
+    test_ids = set(ArcDataset.open(tmp_path / "ds").split("test").puzzle_ids)
+    train_ids = set(ArcDataset.open(tmp_path / "ds").split("train").puzzle_ids)
+    assert not test_ids & train_ids
+
+
+def test_open_rejects_non_datasets(sources, tmp_path):
+    with pytest.raises(EtrmError, match="no manifest.json"):
+        ArcDataset.open(tmp_path)
+    train, test = sources
+    build(train, test, tmp_path / "ds")
+    manifest = json.loads((tmp_path / "ds/manifest.json").read_text())
+    (tmp_path / "ds/manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(EtrmError, match="format_version 99"):
+        ArcDataset.open(tmp_path / "ds")
+    (tmp_path / "ds/manifest.json").write_text(json.dumps(manifest))
+    dataset = ArcDataset.open(tmp_path / "ds")
+    with pytest.raises(EtrmError, match="augmentation 20 of te0"):
+        dataset.split("test").augment_grid(np.zeros((1, 1), int), 0, 20)
+    with pytest.raises(EtrmError, match="split 'valid'"):
+        dataset.split("valid")
+    (tmp_path / "ds/test/shapes.npy").unlink()
+    with pytest.raises(EtrmError, match="shapes.npy: missing"):
+        ArcDataset.open(tmp_path / "ds").split("test")

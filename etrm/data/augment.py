@@ -191,12 +191,14 @@ def sample_augmentations(grids: list[np.ndarray], num_aug: int, rng: np.random.G
     permutation sends the puzzle's colours), which makes deduplication exact and cheap.
     Returns (dihedral uint8 [A], colors uint8 [A, 10]).
     """
+    identity = np.arange(NUM_COLORS, dtype=np.uint8)
+    if num_aug == 1:
+        return np.zeros(1, np.uint8), identity[None]
     used = np.unique(np.concatenate([g.ravel() for g in grids]))
     used = used[used != 0]
     class_of, relabel = _symmetry_classes(grids)
     num_classes = len(set(class_of.tolist()))
     space = num_classes * math.perm(NUM_COLORS - 1, len(used))
-    identity = np.arange(NUM_COLORS, dtype=np.uint8)
 
     if space <= _ENUMERATE_FACTOR * num_aug:
         dihedral, colors = _enumerate_space(sorted(set(class_of.tolist())), used)
