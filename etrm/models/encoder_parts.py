@@ -16,11 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from etrm import kernels
+from etrm.data.encoding import CANVAS, PAD_TOKEN, SEQ_LEN
 from etrm.models.layers import CastedEmbedding, CastedLinear, PostNormBlock, SwiGLU, trunc_normal_init_
 
-PAD_TOKEN = 0
-CANVAS_SIDE = 30
-CANVAS_CELLS = CANVAS_SIDE * CANVAS_SIDE
 LOGVAR_LIMIT = 10.0  # keeps exp(log σ²) finite in any dtype; far outside any useful posterior
 
 
@@ -41,8 +39,8 @@ class DemoGridEncoder(nn.Module):
         std = 1.0 / math.sqrt(width)
         self.embed_scale = math.sqrt(width)
         self.token_embedding = CastedEmbedding(vocab_size, width, std)
-        self.row_embedding = CastedEmbedding(CANVAS_SIDE, width, std)
-        self.col_embedding = CastedEmbedding(CANVAS_SIDE, width, std)
+        self.row_embedding = CastedEmbedding(CANVAS, width, std)
+        self.col_embedding = CastedEmbedding(CANVAS, width, std)
         self.side_embedding = CastedEmbedding(2, width, std)
         self.summary_token = nn.Parameter(trunc_normal_init_(torch.empty(width), std))
         self.layers = nn.ModuleList(
@@ -57,11 +55,11 @@ class DemoGridEncoder(nn.Module):
         # A demo's cells first (stable: in canvas order, reproducibly); `where` holds their canvas positions.
         where = torch.argsort((~is_cell).to(torch.uint8), dim=1, stable=True)[:, :longest]
         cells = tokens.gather(1, where)
-        side, offset = where // CANVAS_CELLS, where % CANVAS_CELLS
+        side, offset = where // SEQ_LEN, where % SEQ_LEN
         embedded = (
             self.token_embedding(cells)
-            + self.row_embedding(offset // CANVAS_SIDE)
-            + self.col_embedding(offset % CANVAS_SIDE)
+            + self.row_embedding(offset // CANVAS)
+            + self.col_embedding(offset % CANVAS)
             + self.side_embedding(side)
         )
         summary = self.summary_token.expand(tokens.shape[0], 1, -1)
