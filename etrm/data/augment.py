@@ -136,7 +136,7 @@ class CanvasBank:
         self.cell_offsets = np.concatenate([[0], np.cumsum(is_colour.sum(axis=1))])
         bank_row, position = np.nonzero(is_colour)
         self.cell_positions = position.astype(np.int16)
-        self.cell_colours = (self.canvases[bank_row, position] - COLOR_OFFSET).astype(np.intp)
+        self.cell_colours = self.canvases[bank_row, position] - COLOR_OFFSET  # uint8
 
     def render_into(
         self,

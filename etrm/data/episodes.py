@@ -30,7 +30,8 @@ class EpisodeSampler:
     batch_size is the number of rows this rank yields per batch; the global batch is
     batch_size * world_size. num_aug limits the augmentations used per puzzle to the
     first num_aug stored (0 = all). translate (TRM's random canvas offset per pair)
-    applies in train mode only. A train epoch visits every (puzzle, query pair) once,
+    applies in train mode only. Demos beyond max_demos are dropped (the first ones are
+    kept) and missing ones masked. A train epoch visits every (puzzle, query pair) once,
     each under a random augmentation; its last batch is completed from the start of the
     epoch's order. An eval epoch enumerates every (puzzle, query, augmentation) once in a
     fixed order; rows past the end are padding with valid=False.
@@ -68,6 +69,7 @@ class EpisodeSampler:
         self.position = 0  # batches of the current epoch already yielded
 
         self._bank = CanvasBank(split.tokens, split.shapes)
+        self._plan_epoch = None
         stored_augs = np.diff(split.aug_offsets)
         self._augs_per_group = np.minimum(stored_augs, num_aug) if num_aug else stored_augs
         pair_counts = np.diff(split.pair_offsets)
@@ -131,13 +133,11 @@ class EpisodeSampler:
             self.rank * self.batch_size : (self.rank + 1) * self.batch_size
         ]
         if self.mode == "train":
-            rng = np.random.default_rng([self.seed, epoch])
-            order = rng.permutation(self.num_episodes)
+            order, aug_draw = self._epoch_plan(epoch)
             episodes = order[rows % self.num_episodes]
             valid = np.ones(len(rows), bool)
-            # One uniform draw per episode picks its augmentation among the group's allowed ones.
             group = self._group[episodes]
-            aug = (rng.random(self.num_episodes)[episodes] * self._augs_per_group[group]).astype(np.int64)
+            aug = (aug_draw[episodes] * self._augs_per_group[group]).astype(np.int64)
         else:
             valid = rows < self.num_episodes
             episodes = np.minimum(rows, self.num_episodes - 1)
@@ -145,6 +145,14 @@ class EpisodeSampler:
             aug = self._aug[episodes]
         offsets_rng = np.random.default_rng([self.seed, epoch, index, self.rank]) if self.translate else None
         return self._assemble(group, self._local_query[episodes], aug, valid, offsets_rng)
+
+    def _epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """A train epoch's episode order and one uniform draw per episode (which picks its augmentation)."""
+        if self._plan_epoch != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._plan = (rng.permutation(self.num_episodes), rng.random(self.num_episodes))
+            self._plan_epoch = epoch
+        return self._plan
 
     def _assemble(self, group, local_query, aug, valid, offsets_rng) -> dict:
         import torch
