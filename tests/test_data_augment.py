@@ -6,12 +6,12 @@ import pytest
 from etrm.data.augment import (
     DIHEDRAL_INVERSE,
     NUM_DIHEDRAL,
+    CanvasBank,
     all_dihedral_canvases,
     apply_dihedral,
     augment_grid,
     invert_grid,
     sample_augmentations,
-    token_lut,
     translate_canvases,
 )
 from etrm.data.encoding import encode_grid
@@ -54,9 +54,27 @@ def test_colour_permutation_keeps_zero_and_inverts():
         np.testing.assert_array_equal(invert_grid(augmented, d, colors), grid)
 
 
-def test_token_lut_fixes_pad_and_eos():
-    colors = np.array([0, 9, 8, 7, 6, 5, 4, 3, 2, 1])
-    np.testing.assert_array_equal(token_lut(colors), [0, 1, 2, 11, 10, 9, 8, 7, 6, 5, 4, 3])
+def test_canvas_bank_renders_augmented_encodings():
+    rng = np.random.default_rng(4)
+    grids = [rng.integers(0, 10, shape) for shape in [(1, 1), (3, 7), (30, 30), (12, 30), (5, 2)]]
+    tokens = np.stack([encode_grid(g) for g in grids])
+    bank = CanvasBank(tokens, np.array([g.shape for g in grids], np.uint8))
+    picks = [(0, 0), (1, 5), (2, 3), (3, 6), (4, 1), (1, 7)]
+    colors = np.stack([np.concatenate([[0], rng.permutation(9) + 1]) for _ in picks]).astype(np.uint8)
+    bank_rows = np.array([8 * g + d for g, d in picks])
+    out = np.full((9, 900), -7, np.int64)
+    dest = np.array([0, 1, 2, 5, 6, 8])
+    bank.render_into(out, dest, bank_rows, colors)
+    for row, (g, d), perm in zip(dest, picks, colors, strict=True):
+        np.testing.assert_array_equal(out[row], encode_grid(augment_grid(grids[g], d, perm)))
+    assert (out[[3, 4, 7]] == -7).all()  # rows not named stay untouched
+    offsets = np.array([[2, 3], [0, 0], [0, 0], [0, 0], [20, 1], [0, 27]])
+    bank.render_into(out, dest, bank_rows, colors, offsets)
+    for row, (g, d), perm, (dr, dc) in zip(dest, picks, colors, offsets, strict=True):
+        expected = np.zeros((30, 30), np.int64)
+        shifted = encode_grid(augment_grid(grids[g], d, perm)).reshape(30, 30)
+        expected[dr:, dc:] = shifted[: 30 - dr, : 30 - dc]
+        np.testing.assert_array_equal(out[row].reshape(30, 30), expected)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (2, 3), (30, 30), (30, 1), (4, 30), (17, 9)])

@@ -1,9 +1,11 @@
 """Augmentations: the 8 dihedral transforms x permutations of colours 1-9 (0 stays fixed).
 
 A dataset stores each original grid once plus, per puzzle, a table of
-(dihedral id, colour permutation) rows. Batches are augmented on the fly with
-precomputed index tables over the 900 canvas positions and a per-row colour
-lookup table, so no augmented copy is ever written to disk.
+(dihedral id, colour permutation) rows; no augmented copy is ever written to disk.
+Batches are augmented on the fly: index tables over the 900 canvas positions give
+every stored grid's canvas under each of the 8 transforms once (CanvasBank), and a
+batch row is then that canvas with its colour cells looked up in the row's
+colour permutation.
 
 Dihedral id d = 4*f + k: flip left-right when f = 1, then rotate k quarter turns
 counter-clockwise (np.rot90). Rotations invert by turning back; the four
@@ -58,13 +60,6 @@ def invert_grid(grid: np.ndarray, dihedral: int, colors: np.ndarray) -> np.ndarr
     """Undo augment_grid (used to map predictions back before voting)."""
     inverse_colors = np.argsort(np.asarray(colors)).astype(np.asarray(grid).dtype)
     return apply_dihedral(inverse_colors[np.asarray(grid)], int(DIHEDRAL_INVERSE[int(dihedral)]))
-
-
-def token_lut(colors: np.ndarray) -> np.ndarray:
-    """Token lookup tables [..., 12] for colour permutations [..., 10]: PAD and EOS stay put."""
-    colors = np.asarray(colors, dtype=np.uint8)
-    fixed = np.broadcast_to(np.array([PAD_TOKEN, EOS_TOKEN], np.uint8), colors.shape[:-1] + (2,))
-    return np.concatenate([fixed, colors + COLOR_OFFSET], axis=-1)
 
 
 @functools.cache
