@@ -10,6 +10,8 @@ from etrm.errors import EtrmError
 from etrm.models import build_model
 from etrm.models.losses import ACTLossHead, stablemax_cross_entropy
 
+SEQ_LEN = 900
+
 
 def tiny_arch(**overrides) -> ArchConfig:
     base = dict(
@@ -19,7 +21,7 @@ def tiny_arch(**overrides) -> ArchConfig:
         L_cycles=2,
         L_layers=2,
         halt_max_steps=4,
-        seq_len=900,
+        seq_len=SEQ_LEN,
         encoder_type="puzzle_embedding",
         num_puzzle_identifiers=6,
     )
@@ -29,10 +31,10 @@ def tiny_arch(**overrides) -> ArchConfig:
 
 def random_batch(batch_size=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 12, (batch_size, 900), generator=g)
-    labels[:, 450:] = -100
+    labels = torch.randint(0, 12, (batch_size, SEQ_LEN), generator=g)
+    labels[:, SEQ_LEN // 2 :] = -100
     return {
-        "inputs": torch.randint(0, 12, (batch_size, 900), generator=g),
+        "inputs": torch.randint(0, 12, (batch_size, SEQ_LEN), generator=g),
         "labels": labels,
         "puzzle_identifiers": torch.arange(1, batch_size + 1),
     }
@@ -194,3 +196,23 @@ def test_sign_sgd_updates_only_touched_rows_like_trm():
     for row, grad in ((2, grads[0] + grads[2]), (4, grads[1])):
         expected[row] = before[row] * (1 - 0.1 * 0.5) - 0.1 * torch.sign(grad)
     torch.testing.assert_close(table.weights, expected, rtol=0, atol=1e-7)
+
+
+def test_bfloat16_forward_keeps_latents_in_bf16_and_tracks_float32():
+    """forward_dtype=bfloat16 (what 'auto' picks on CUDA): bf16 latents/logits, float32 Q, close to float32."""
+    fp32 = build_model(tiny_arch()).eval()
+    bf16 = build_model(tiny_arch(forward_dtype="bfloat16")).eval()
+    with torch.no_grad():
+        fp32.encoder.weights.normal_()
+    bf16.load_state_dict(fp32.state_dict())
+    batch = random_batch()
+    with torch.no_grad():
+        _, out32 = fp32(fp32.initial_carry(batch), batch)
+        carry, out16 = bf16(bf16.initial_carry(batch), batch)
+    assert carry.z_H.dtype == carry.z_L.dtype == out16["logits"].dtype == torch.bfloat16
+    assert out16["q_halt_logits"].dtype == torch.float32
+    assert fp32.compute_dtype(torch.device("cpu")) == torch.float32
+    assert fp32.compute_dtype(torch.device("cuda")) == torch.bfloat16  # 'auto'
+    diff = (out16["logits"].float() - out32["logits"]).abs()
+    assert diff.mean() < 0.03 * out32["logits"].abs().mean()
+    assert (out16["logits"].argmax(-1) == out32["logits"].argmax(-1)).float().mean() > 0.97

@@ -121,3 +121,12 @@ def test_cli_fails_above_tolerance(capsys, tmp_path):
     rows = json.loads(out.out)["reference"]["steps"]
     assert [row["pass"] for row in rows] == [True, False, True]
     assert rows[1]["logits_abs"] == pytest.approx(1e-3, rel=0.01)
+
+
+def test_cli_rejects_bad_reference_files_clearly(capsys, tmp_path):
+    code, out = run_cli(capsys, CHECKPOINT, "--reference", CONFIG)
+    assert code == 2 and "not an .npz file" in out.err
+    np.savez(tmp_path / "partial.npz", inputs=np.zeros((1, 900), np.int32))
+    code, out = run_cli(capsys, CHECKPOINT, "--reference", tmp_path / "partial.npz")
+    assert code == 2 and "missing arrays labels" in out.err
+    assert "Traceback" not in out.err

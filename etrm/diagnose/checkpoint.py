@@ -59,6 +59,10 @@ def load_reference(path: str | Path) -> dict[str, Any]:
     import numpy as np
 
     path = Path(path)
+    if path.is_file():
+        with path.open("rb") as f:
+            if f.read(2) != b"PK":  # an .npz is a zip archive
+                raise EtrmError(f"--reference {path}: not an .npz file")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
