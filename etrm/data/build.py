@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -73,15 +74,12 @@ class BuildOptions:
     overwrite: bool = False
 
 
-@dataclass
-class _Group:
-    """A puzzle as stored in one split: which pairs are demos and which are queries."""
+class _Group(NamedTuple):
+    """A puzzle as stored in one split: which of its pairs are demos and which are queries."""
 
     task: ArcTask
     demos: list
     queries: list
-    dihedral: np.ndarray = field(default=None)
-    colors: np.ndarray = field(default=None)
 
 
 def build_dataset(options: BuildOptions, progress=None) -> dict:
@@ -102,9 +100,9 @@ def build_dataset(options: BuildOptions, progress=None) -> dict:
     for side, spec in specs:
         sources[side].append(load_source(spec))
         _advance(progress, load_task)
-
-    train_tasks, train_duplicates = _unique_tasks(sources["train"])
+    train_tasks, duplicates = _unique_tasks(sources["train"])
     test_tasks, test_duplicates = _unique_tasks(sources["test"])
+    duplicates += test_duplicates
     if options.max_puzzles:
         train_tasks, test_tasks = train_tasks[: options.max_puzzles], test_tasks[: options.max_puzzles]
 
@@ -118,43 +116,40 @@ def build_dataset(options: BuildOptions, progress=None) -> dict:
             raise EtrmError(
                 f"--strict: {len(leaked)} training puzzles share grid pairs with test puzzles: {listing}"
             )
-        train_groups = [_Group(t, t.demos, t.queries) for t in train_tasks]
+        extra_train_groups = []
     else:
         # TRM's split: test puzzles' demos are trained on, under the test puzzles' own ids.
         test_ids = {t.task_id for t in test_tasks}
-        train_duplicates += [
+        duplicates += [
             {"task": t.task_id, "source": t.source, "kept_from": "test side"}
             for t in train_tasks
             if t.task_id in test_ids
         ]
         train_tasks = [t for t in train_tasks if t.task_id not in test_ids]
-        train_groups = [_Group(t, t.demos, t.queries) for t in train_tasks]
-        train_groups += [_Group(t, t.demos, []) for t in test_tasks]
+        extra_train_groups = [_Group(t, t.demos, []) for t in test_tasks]
+    train_groups = [_Group(t, t.demos, t.queries) for t in train_tasks] + extra_train_groups
     test_groups = [_Group(t, t.demos, t.queries) for t in test_tasks]
     if not train_groups or not test_groups:
         raise EtrmError("nothing left to build: a side has no puzzles (after the leakage guard)")
 
-    aug_task = _progress_task(progress, "augmenting", len(train_tasks) + len(test_tasks))
     # One table per task, from all its pairs: under --split trm a test puzzle's train-side demos
     # group shares its augmentations (and so its identifiers) with the test group.
+    aug_task = _progress_task(progress, "augmenting", len(train_tasks) + len(test_tasks))
     tables = {}
     for task in train_tasks + test_tasks:
         rng = np.random.default_rng(task_seed(options.seed, task.task_id))
         grids = [grid for pair in task.pairs for grid in pair]
         tables[id(task)] = sample_augmentations(grids, options.num_aug, rng)
         _advance(progress, aug_task)
-    for group in train_groups + test_groups:
-        group.dihedral, group.colors = tables[id(group.task)]
 
-    arrays = {"train": _split_arrays(train_groups, first_identifier=1)}
-    arrays["test"] = _split_arrays(test_groups, first_identifier=None)
-    if options.split == "trm":
-        train_ids = {g.task.task_id: i for i, g in enumerate(train_groups)}
-        arrays["test"]["puzzle_identifiers.npy"] = _shared_identifiers(
-            test_groups, train_groups, train_ids, arrays["train"]
-        )
-    num_identifiers = 1 + len(arrays["train"]["puzzle_identifiers.npy"])
-
+    arrays = {"train": _split_arrays(train_groups, tables), "test": _split_arrays(test_groups, tables)}
+    num_train_augs = len(arrays["train"]["aug_dihedral.npy"])
+    arrays["train"]["puzzle_identifiers.npy"] = np.arange(1, 1 + num_train_augs, dtype=np.int32)
+    arrays["test"]["puzzle_identifiers.npy"] = (
+        _shared_identifiers(test_groups, train_groups, arrays["train"])
+        if options.split == "trm"
+        else np.zeros(len(arrays["test"]["aug_dihedral.npy"]), np.int32)  # never trained on: blank id
+    )
     manifest = {
         "format_version": FORMAT_VERSION,
         "etrm_version": __version__,
@@ -164,16 +159,20 @@ def build_dataset(options: BuildOptions, progress=None) -> dict:
         "seed": options.seed,
         "num_aug": options.num_aug,
         "max_puzzles": options.max_puzzles,
-        "counts": {
-            side: _counts(groups) for side, groups in (("train", train_groups), ("test", test_groups))
-        },
+        "counts": {"train": _counts(train_groups, tables), "test": _counts(test_groups, tables)},
         "dropped_for_leakage": leaked,
-        "dropped_duplicates": train_duplicates + test_duplicates,
-        "num_puzzle_identifiers": num_identifiers,
+        "dropped_duplicates": duplicates,
+        "num_puzzle_identifiers": 1 + num_train_augs,
         "files": {},
     }
+    _write(out, arrays, manifest, options.overwrite, progress)
+    return manifest
+
+
+def _write(out: Path, arrays: dict, manifest: dict, overwrite: bool, progress) -> None:
+    """Write every file into a temporary folder, record its checksum, then rename it into place."""
     write_task = _progress_task(progress, "writing", 2 * len(SPLIT_FILES) + 1)
-    with atomic_dir(out, overwrite=options.overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         for side in SPLIT_NAMES:
             (tmp / side).mkdir()
             for name in SPLIT_FILES:
@@ -184,7 +183,6 @@ def build_dataset(options: BuildOptions, progress=None) -> dict:
                 _advance(progress, write_task)
         atomic_write_json(tmp / "manifest.json", manifest)
         _advance(progress, write_task)
-    return manifest
 
 
 def resolve_sources(source: str | None, train: list[str], test: list[str]) -> tuple[list[str], list[str]]:
@@ -247,35 +245,33 @@ def _drop_leaked(train_tasks: list[ArcTask], test_tasks: list[ArcTask]) -> tuple
     return kept, leaked
 
 
-def _split_arrays(groups: list[_Group], first_identifier: int | None) -> dict:
+def _split_arrays(groups: list[_Group], tables: dict) -> dict:
+    """Every file of one split but puzzle_identifiers.npy (which depends on the split kind)."""
     pairs = [pair for g in groups for pair in g.demos + g.queries]
     grids = [grid for pair in pairs for grid in pair]
-    aug_counts = np.array([len(g.dihedral) for g in groups], np.int64)
-    num_augs = int(aug_counts.sum())
-    if first_identifier is None:
-        identifiers = np.zeros(num_augs, np.int32)
-    else:
-        identifiers = np.arange(first_identifier, first_identifier + num_augs, dtype=np.int32)
+    dihedral = [tables[id(g.task)][0] for g in groups]
+    colors = [tables[id(g.task)][1] for g in groups]
     puzzles = [{"id": g.task.task_id, "source": g.task.source} for g in groups]
+    pair_counts = [len(g.demos) + len(g.queries) for g in groups]
     return {
         "puzzles.json": (json.dumps(puzzles, indent=0) + "\n").encode(),
         "tokens.npy": np.stack([encode_grid(grid) for grid in grids]),
         "shapes.npy": np.array([grid.shape for grid in grids], np.uint8),
-        "pair_offsets.npy": np.concatenate(
-            [[0], np.cumsum([len(g.demos) + len(g.queries) for g in groups])]
-        ).astype(np.int64),
+        "pair_offsets.npy": np.concatenate([[0], np.cumsum(pair_counts)]).astype(np.int64),
         "num_demos.npy": np.array([len(g.demos) for g in groups], np.int64),
-        "aug_offsets.npy": np.concatenate([[0], np.cumsum(aug_counts)]).astype(np.int64),
-        "aug_dihedral.npy": np.concatenate([g.dihedral for g in groups]).astype(np.uint8),
-        "aug_colors.npy": np.concatenate([g.colors for g in groups]).astype(np.uint8),
-        "puzzle_identifiers.npy": identifiers,
+        "aug_offsets.npy": np.concatenate([[0], np.cumsum([len(d) for d in dihedral])]).astype(np.int64),
+        "aug_dihedral.npy": np.concatenate(dihedral).astype(np.uint8),
+        "aug_colors.npy": np.concatenate(colors).astype(np.uint8),
     }
 
 
-def _shared_identifiers(test_groups, train_groups, train_index, train_arrays) -> np.ndarray:
-    """TRM split: a test puzzle's (aug a) uses the id its demos were trained under."""
+def _shared_identifiers(
+    test_groups: list[_Group], train_groups: list[_Group], train_arrays: dict
+) -> np.ndarray:
+    """TRM split: augmentation a of a test puzzle uses the id its demos were trained under."""
     offsets = train_arrays["aug_offsets.npy"]
     ids = train_arrays["puzzle_identifiers.npy"]
+    train_index = {g.task.task_id: i for i, g in enumerate(train_groups)}
     return np.concatenate(
         [
             ids[offsets[train_index[g.task.task_id]] : offsets[train_index[g.task.task_id] + 1]]
@@ -284,13 +280,13 @@ def _shared_identifiers(test_groups, train_groups, train_index, train_arrays) ->
     ).astype(np.int32)
 
 
-def _counts(groups: list[_Group]) -> dict:
+def _counts(groups: list[_Group], tables: dict) -> dict:
     return {
         "puzzles": len(groups),
         "pairs": sum(len(g.demos) + len(g.queries) for g in groups),
         "demos": sum(len(g.demos) for g in groups),
         "queries": sum(len(g.queries) for g in groups),
-        "augmentations": sum(len(g.dihedral) for g in groups),
+        "augmentations": sum(len(tables[id(g.task)][0]) for g in groups),
     }
 
 
