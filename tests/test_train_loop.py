@@ -217,3 +217,32 @@ def test_pretrained_decoder_starts_from_the_trm_checkpoint(data, tmp_path):
     used = table[table.abs().sum(-1) > 0]
     row = read_metrics(run)[0]
     assert row["encoder/prefix_rms"] == pytest.approx(used.square().mean().sqrt().item(), rel=1e-6)
+
+
+def test_cli_extends_a_finished_run(data, tmp_path, capsys):
+    from etrm.cli import main
+
+    run = tmp_path / "run"
+    common = ["--set", f"data.path={data}", "--set", "arch.hidden_size=16", "--set", "arch.L_layers=1"]
+    common += ["--set", "train.eval_interval=0"]
+    main(
+        [
+            "train",
+            "--preset",
+            "SF5",
+            "--size",
+            "cpu-smoke",
+            *common,
+            "--set",
+            "train.epochs=1",
+            "--out",
+            str(run),
+        ]
+    )
+    assert "step-4" in capsys.readouterr().out  # one epoch = 16 episodes / batch 4
+    main(["train", "--resume", str(run), "--set", "train.epochs=2", "--wandb", "disabled"])
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 9))  # each train row once, none repeated by the resume
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 2
+    assert json.loads((run / "run_info.json").read_text())["preset"] == "SF5"
+    assert rows[-1]["epoch"] == 2.0
