@@ -285,6 +285,9 @@ def test_open_rejects_non_datasets(sources, tmp_path):
         dataset.split("test").augment_grid(np.zeros((1, 1), int), 0, 20)
     with pytest.raises(EtrmError, match="split 'valid'"):
         dataset.split("valid")
+    (tmp_path / "ds/train/tokens.npy").write_bytes(b"garbage")
+    with pytest.raises(EtrmError, match="tokens.npy: unreadable"):
+        ArcDataset.open(tmp_path / "ds").split("train")
     (tmp_path / "ds/test/shapes.npy").unlink()
     with pytest.raises(EtrmError, match="shapes.npy: missing"):
         ArcDataset.open(tmp_path / "ds").split("test")

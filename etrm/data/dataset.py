@@ -73,12 +73,15 @@ class Split:
         for file in SPLIT_FILES:
             if not (folder / file).is_file():
                 raise EtrmError(f"{folder / file}: missing (the dataset folder is incomplete)")
-        puzzles = json.loads((folder / "puzzles.json").read_text())
-        arrays = {
-            file.removesuffix(".npy"): np.load(folder / file, allow_pickle=False)
-            for file in SPLIT_FILES
-            if file.endswith(".npy")
-        }
+        arrays = {}
+        for file in SPLIT_FILES:
+            try:
+                if file.endswith(".npy"):
+                    arrays[file.removesuffix(".npy")] = np.load(folder / file, allow_pickle=False)
+                else:
+                    puzzles = json.loads((folder / file).read_text())
+            except (ValueError, OSError) as e:  # JSONDecodeError is a ValueError
+                raise EtrmError(f"{folder / file}: unreadable ({e}); rebuild the dataset") from None
         return cls(name, puzzles, arrays)
 
     def __len__(self) -> int:
