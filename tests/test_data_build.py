@@ -243,6 +243,8 @@ def test_cli_build_info_show_verify(sources, tmp_path):
     assert missing.returncode == 2 and "task 'nope' is not in" in missing.stderr
     bad = run_cli("build", "--source", "arc-agi-9", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "--source 'arc-agi-9'" in bad.stderr
+    no_out = run_cli("build", "--train-source", str(train))
+    assert no_out.returncode == 2 and "--out is required" in no_out.stderr
 
 
 def test_real_arc_sources_leakage_and_duplicates(tmp_path):

@@ -20,7 +20,12 @@ SOURCE_HELP = (
 
 @app.command("build")
 def build_command(
-    out: Path = typer.Option(Path("data/arc-agi-1"), "--out", "-o", help="Dataset folder to write."),
+    out: Path = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Dataset folder to write (default data/<source>; required with --train-source/--test-source).",
+    ),
     source: str = typer.Option(
         None,
         "--source",
@@ -50,16 +55,19 @@ def build_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
-    """Build a dataset folder: validate sources, drop training puzzles that leak test pairs, store
-    grids once plus an augmentation table per puzzle.
+    """Build a dataset folder: validate sources, drop training puzzles that leak test pairs, store grids once plus an augmentation table per puzzle.
 
-    Training-time translation (TRM's random canvas offset) is applied by the episode sampler
-    (config data.translate), not stored.
+    Training-time translation (TRM's random canvas offset) is applied by the episode sampler (config data.translate), not stored.
     """
     from etrm.console import make_progress, print_json
     from etrm.data.build import BuildOptions, build_dataset, resolve_sources
+    from etrm.errors import EtrmError
 
     train, test = resolve_sources(source, train_sources, test_sources)
+    if out is None:
+        if train_sources or test_sources:
+            raise EtrmError("--out is required with --train-source/--test-source")
+        out = Path("data") / (source or "arc-agi-1")
     options = BuildOptions(train, test, out, num_aug, seed, split, strict, max_puzzles, overwrite)
     with make_progress(transient=True) as progress:
         manifest = build_dataset(options, progress)
