@@ -9,7 +9,7 @@ from train_helpers import build_tiny_dataset, tiny_config
 from etrm.config import apply_overrides
 from etrm.errors import EtrmError
 from etrm.models.losses import ACTLossHead
-from etrm.train.checkpoint import load_trainer_state, load_weights
+from etrm.train.checkpoint import load_for_inference, load_trainer_state, load_weights
 from etrm.train.loop import train
 from etrm.train.metrics import read_metrics
 
@@ -142,6 +142,17 @@ def test_time_limit_stops_with_a_checkpoint(data, tmp_path):
     cfg = tiny_config("SF5", data, "train.max_minutes=0.0001")
     run = train(cfg, tmp_path / "run", progress=False)
     assert [p.name for p in run.glob("step-*")] == ["step-1"]
+
+    # What evaluation loads: the EMA weights by default, the live ones on request, in eval mode.
+    for use_ema, file in [(True, "ema.safetensors"), (False, "model.safetensors")]:
+        model, loaded_cfg, step = load_for_inference(run, use_ema=use_ema)
+        assert step == 1 and loaded_cfg == cfg and not model.training
+        saved = load_weights(run / "step-1" / file)
+        assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    assert not torch.equal(
+        load_weights(run / "step-1" / "ema.safetensors")["decoder.lm_head.weight"],
+        load_weights(run / "step-1" / "model.safetensors")["decoder.lm_head.weight"],
+    )
 
 
 def _patch_loss(monkeypatch, scale_at_step):
