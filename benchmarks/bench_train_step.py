@@ -93,8 +93,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(cfg: RunConfig, batch_size: int, steps: int, device: torch.device) -> dict[str, float]:
-    """Mean seconds per training step (after one warm-up step), and the encoder's forward+backward alone."""
+def time_steps(
+    cfg: RunConfig, batch_size: int, steps: int, device: torch.device, warmup: int
+) -> dict[str, float]:
+    """Mean seconds per training step (after `warmup` steps), and the encoder's forward+backward alone."""
     from etrm.models import build_model
     from etrm.models.losses import ACTLossHead
     from etrm.train.optim import build_optimizer
@@ -120,7 +122,8 @@ def time_steps(cfg: RunConfig, batch_size: int, steps: int, device: torch.device
                     *taken, lr=cfg.train.puzzle_emb_lr, weight_decay=cfg.train.puzzle_emb_weight_decay
                 )
 
-    step()
+    for _ in range(warmup):
+        step()
     sync(device)
     start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
@@ -145,7 +148,8 @@ def time_steps(cfg: RunConfig, batch_size: int, steps: int, device: torch.device
             (context.float().square().sum() + (kl.sum() if kl is not None else 0)).backward()
             model.zero_grad(set_to_none=True)
 
-        encode()
+        for _ in range(warmup):
+            encode()
         sync(device)
         start = time.perf_counter()
         for _ in range(steps):
@@ -160,7 +164,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--parts", default="trm,encoders,smoke,full")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per row (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them (0 is fine on CPU)")
     parser.add_argument(
         "--encoder-batch", type=int, default=2, help="the reduced batch of the encoder-share rows"
     )
@@ -183,7 +188,7 @@ def main() -> None:
                 get_preset("trm"), [*ARC_TRM, f"arch.H_cycles={h}", f"arch.L_cycles={l_cycles}"]
             )
             cfg.arch.forward_dtype = "float32"
-            t = time_steps(cfg, batch, args.steps, device)
+            t = time_steps(cfg, batch, args.steps, device, args.warmup)
             add(
                 "TRM step (fwd+loss+bwd+AdamATan2), float32",
                 f"ARC size, batch {batch}, H{h}×L{l_cycles}",
@@ -193,7 +198,7 @@ def main() -> None:
     if "encoders" in parts:
         for preset in ("SF5", "SF1", "SF3", "E2b"):
             cfg = get_preset(preset)
-            t = time_steps(cfg, args.encoder_batch, args.steps, device)
+            t = time_steps(cfg, args.encoder_batch, args.steps, device, args.warmup)
             a = cfg.arch
             add(
                 "encoder share of a step (encoder fwd+bwd / step)",
@@ -206,7 +211,7 @@ def main() -> None:
         for presets in (("SF1", "SF2"), ("SF3", "SF4"), ("SF5", "SF6")):
             cfg = get_preset(presets[0], size=size)
             batch = batch_override or cfg.train.global_batch_size
-            t = time_steps(cfg, batch, args.steps, device)
+            t = time_steps(cfg, batch, args.steps, device, args.warmup)
             add(
                 "samples/s (ACT steps of one row per second)",
                 f"{' = '.join(presets)} ({cfg.arch.encoder_type}) at {size} size, batch {batch}",
