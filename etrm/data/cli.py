@@ -90,7 +90,7 @@ def info_command(
     if as_json:
         print_json(manifest)
     else:
-        _print_summary(manifest, path)
+        _print_summary(manifest, path, with_sources=True)
 
 
 @app.command("show")
@@ -133,17 +133,22 @@ def verify_command(
         raise typer.Exit(1)
 
 
-def _print_summary(manifest: dict, path: Path) -> None:
+def _print_summary(manifest: dict, path: Path, with_sources: bool = False) -> None:
     from etrm.console import console, render_table
 
-    kind = "few-shot" if manifest["fewshot"] else "TRM split (NOT few-shot)"
+    kind = (
+        "few-shot" if manifest["fewshot"] else "TRM split (NOT few-shot: test puzzles' demos are trained on)"
+    )
     rows = []
     for side in ("train", "test"):
         counts = manifest["counts"][side]
+        specs = [s["spec"] for s in manifest["sources"][side]]
+        if side == "train" and not manifest["fewshot"]:
+            specs.append("test demos")
         rows.append(
             {
                 "split": side,
-                "sources": ", ".join(s["spec"] for s in manifest["sources"][side]),
+                "sources": " + ".join(specs),
                 **counts,
                 "augs/puzzle": round(counts["augmentations"] / max(counts["puzzles"], 1), 1),
             }
@@ -151,6 +156,9 @@ def _print_summary(manifest: dict, path: Path) -> None:
     columns = ["split", "sources", "puzzles", "pairs", "demos", "queries", "augmentations", "augs/puzzle"]
     title = f"{path}: {kind}, num_aug {manifest['num_aug']}, seed {manifest['seed']}"
     console.print(render_table(rows, columns, title=title))
+    if with_sources:
+        sources = [{"side": side, **s} for side in ("train", "test") for s in manifest["sources"][side]]
+        console.print(render_table(sources, ["side", "spec", "kind", "num_tasks", "sha256"], title="sources"))
     leaked = manifest["dropped_for_leakage"]
     console.print(f"dropped for leakage: {len(leaked)}")
     for entry in leaked:
