@@ -11,6 +11,7 @@ all `halt_max_steps` steps.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,8 @@ from etrm.models.encoders import build_encoder
 from etrm.models.trm import TRMDecoder
 
 FORWARD_DTYPES = ("auto", "float32", "bfloat16")
+CANVAS_SIDE = 30
+PAD_TOKEN = 0
 
 
 @dataclass
@@ -51,6 +54,13 @@ class ETRM(nn.Module):
             )
         if arch.halt_max_steps < 1:
             raise EtrmError(f"arch.halt_max_steps={arch.halt_max_steps} must be at least 1")
+        # arch.seq_len < 900 runs the decoder on the top-left side×side corner of the 30×30 canvas:
+        # puzzles whose grids all fit (e.g. synthetic 3-12 grids, side 13) cost a fraction as much.
+        self.canvas_side = math.isqrt(arch.seq_len)
+        if self.canvas_side**2 != arch.seq_len or not 1 <= self.canvas_side <= CANVAS_SIDE:
+            raise EtrmError(
+                f"arch.seq_len={arch.seq_len} must be a square canvas side×side with side ≤ 30 (900 = full canvas)"
+            )
         self.arch = arch
         self.encoder = build_encoder(arch)
         self.decoder = TRMDecoder(arch)
@@ -99,9 +109,10 @@ class ETRM(nn.Module):
         steps = torch.where(reset, 0, carry.steps)
         context, kl, cached = self._context(reset, current, carry.context)
 
-        z_H, z_L, logits, q_halt, q_continue = self.decoder(z_H, z_L, current["inputs"], context)
+        inputs = self._decoder_canvas(current["inputs"])
+        z_H, z_L, logits, q_halt, q_continue = self.decoder(z_H, z_L, inputs, context)
         outputs = {
-            "logits": logits,
+            "logits": self._full_canvas(logits),
             "q_halt_logits": q_halt,
             "q_continue_logits": q_continue,
             "context": context,
@@ -123,11 +134,34 @@ class ETRM(nn.Module):
                 halted = halted & (steps >= min_steps)
                 if not self.arch.no_ACT_continue:
                     # Bootstrapped Q-learning target: the Q values one step further on.
-                    _, _, _, next_halt, next_continue = self.decoder(z_H, z_L, current["inputs"], context)
+                    _, _, _, next_halt, next_continue = self.decoder(z_H, z_L, inputs, context)
                     outputs["target_q_continue"] = torch.sigmoid(
                         torch.where(is_last_step, next_halt, torch.maximum(next_halt, next_continue))
                     )
         return Carry(z_H, z_L, steps, halted, current, cached), outputs
+
+    def _decoder_canvas(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, 900] → [B, seq_len]: the canvas corner the decoder sees; a grid reaching past it is an error."""
+        side = self.canvas_side
+        if side == CANVAS_SIDE:
+            return tokens
+        canvas = tokens.view(-1, CANVAS_SIDE, CANVAS_SIDE)
+        if (canvas[:, side:] != PAD_TOKEN).any() or (canvas[:, :, side:] != PAD_TOKEN).any():
+            raise EtrmError(
+                f"arch.seq_len={self.arch.seq_len} ({side}×{side} canvas) is too small for a grid in this batch"
+            )
+        return canvas[:, :side, :side].reshape(tokens.shape[0], side * side)
+
+    def _full_canvas(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, seq_len, V] → [B, 900, V]; cells outside the decoder's corner predict PAD (no gradient)."""
+        side = self.canvas_side
+        if side == CANVAS_SIDE:
+            return logits
+        outside = torch.full((self.arch.vocab_size,), -1e4, dtype=logits.dtype, device=logits.device)
+        outside[PAD_TOKEN] = 0.0
+        full = outside.expand(logits.shape[0], CANVAS_SIDE, CANVAS_SIDE, -1).clone()
+        full[:, :side, :side] = logits.view(logits.shape[0], side, side, -1)
+        return full.view(logits.shape[0], CANVAS_SIDE * CANVAS_SIDE, -1)
 
     def _context(self, reset: torch.Tensor, current: dict[str, torch.Tensor], cached: torch.Tensor | None):
         """(context, kl or None, context to cache): re-encode every row, or only the rows being reset."""

@@ -1,0 +1,192 @@
+"""Few-shot proof on a CPU (issue 7): does an encoder infer a rule from the demos of unseen puzzles?
+
+Every encoder type and the TRM puzzle-embedding baseline train for the same time on the same
+synthetic split (the recipe of `etrm quickstart`), then vote over augmentations of unseen test
+puzzles. pass@1 is reported per family and overall next to two floors: copying the input, and
+the baseline (a blank puzzle id: it cannot know an unseen puzzle). A second split holds whole
+families out of training; the best encoder of the first part is trained and scored on it.
+
+    python benchmarks/bench_fewshot.py [--minutes 15] [--encoders standard,...] [--threads N]
+
+Prints a table and appends it to benchmarks/RESULTS.md under "## bench_fewshot". The time limit
+is wall-clock; each row also gives the steps trained and the process's CPU time, since a shared
+machine gives the runs unequal shares of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from etrm.config import ENCODER_TYPES
+from etrm.console import console, render_table
+from etrm.data.dataset import ArcDataset
+from etrm.data.synth import family_of, parse_grid_size
+from etrm.io import atomic_write_bytes
+from etrm.quickstart import (
+    EVAL_NUM_AUG,
+    FEWSHOT_FAMILIES,
+    family_scores,
+    fewshot_config,
+    prepare_synthetic,
+    train_and_evaluate,
+)
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+HEADING = "## bench_fewshot"
+BASELINE = "puzzle_embedding"
+HELD_OUT_FAMILIES = ("border", "scale")
+
+
+def machine() -> str:
+    cpu = platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def copy_floor(data: Path) -> dict[str, float]:
+    """pass@1 of answering every test query with its own input, per family and overall (puzzle mean)."""
+    split = ArcDataset.open(data).split("test")
+    per_puzzle: dict[str, list[float]] = {}
+    for g, task_id in enumerate(split.puzzle_ids):
+        solved = [x.shape == y.shape and bool((x == y).all()) for x, y in split.queries(g)]
+        per_puzzle.setdefault(family_of(task_id), []).append(float(np.mean(solved)))
+    floor = {name: float(np.mean(v)) for name, v in per_puzzle.items()}
+    floor["all"] = float(np.mean([s for v in per_puzzle.values() for s in v]))
+    return floor
+
+
+def train_one(data: Path, encoder: str, run_dir: Path, args) -> dict:
+    """Train and score one encoder; {family: pass@1, "all": pass@1, "steps", "cpu_s", "wall_s"}."""
+    cfg = fewshot_config(data, encoder, args.minutes, seed=args.seed, grid_size=args.grid_size)
+    wall, cpu = time.perf_counter(), time.process_time()
+    results = train_and_evaluate(cfg, run_dir, eval_num_aug=args.eval_num_aug, progress=True)
+    scores = {name: score for name, (_, score) in family_scores(results).items()}
+    scores["all"] = results["metrics"]["pass@1"]
+    scores.update(steps=results["step"], cpu_s=time.process_time() - cpu, wall_s=time.perf_counter() - wall)
+    console.print(f"{encoder}: pass@1 {scores['all']:.3f} after {scores['steps']} steps", markup=False)
+    return scores
+
+
+def table_rows(part: str, families: list[str], floor: dict, runs: dict[str, dict]) -> list[dict]:
+    rows = []
+    for family in [*families, "all"]:
+        row = {"part": part, "family": family, "copy input": f"{floor[family]:.3f}"}
+        row.update({name: f"{scores.get(family, 0.0):.3f}" for name, scores in runs.items()})
+        rows.append(row)
+    rows.append(
+        {"part": part, "family": "steps / CPU s", "copy input": "-"}
+        | {name: f"{s['steps']} / {s['cpu_s']:.0f}" for name, s in runs.items()}
+    )
+    return rows
+
+
+def append_results(text: str) -> None:
+    """Append at the end of this benchmark's section, creating the section (or the file) when missing."""
+    lines = RESULTS.read_text().splitlines() if RESULTS.exists() else ["# Benchmark results"]
+    if HEADING not in lines:
+        lines += ["", HEADING]
+    start = lines.index(HEADING)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    section, rest = lines[:end], lines[end:]
+    while section[-1] == "":
+        section.pop()
+    lines = [*section, "", *text.splitlines(), *([""] + rest if rest else [])]
+    atomic_write_bytes(RESULTS, ("\n".join(lines) + "\n").encode())
+
+
+def markdown(rows: list[dict], columns: list[str]) -> str:
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    out += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--minutes", type=float, default=15.0, help="training time per encoder (wall clock)")
+    parser.add_argument(
+        "--encoders", default=",".join(ENCODER_TYPES), help="encoder types, baseline included"
+    )
+    parser.add_argument("--families", default=",".join(FEWSHOT_FAMILIES), help="in-distribution families")
+    parser.add_argument(
+        "--held-out", default=",".join(HELD_OUT_FAMILIES), help="families of the held-out run ('' = skip)"
+    )
+    parser.add_argument("--train-puzzles", type=int, default=500, help="training puzzles per family")
+    parser.add_argument("--test-puzzles", type=int, default=10, help="test puzzles per family")
+    parser.add_argument("--grid-size", type=parse_grid_size, default=(3, 8), help="MIN..MAX grid side")
+    parser.add_argument("--num-aug", type=int, default=64, help="augmentations stored per puzzle")
+    parser.add_argument("--eval-num-aug", type=int, default=EVAL_NUM_AUG, help="augmentations voted at test")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out", type=Path, default=None, help="keep data and runs here (default: a temp folder)"
+    )
+    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    encoders = [e for e in args.encoders.split(",") if e]
+    families = [f for f in args.families.split(",") if f]
+    held_out = [f for f in args.held_out.split(",") if f]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.out or Path(tmp)
+        common = dict(
+            train_per_family=args.train_puzzles,
+            test_per_family=args.test_puzzles,
+            grid_size=args.grid_size,
+            seed=args.seed,
+            num_aug=args.num_aug,
+        )
+        data = prepare_synthetic(root / "instances", families=families, **common)
+        runs = {e: train_one(data, e, root / "instances" / "runs" / e, args) for e in encoders}
+        rows = table_rows("unseen instances", families, copy_floor(data), runs)
+
+        if held_out:
+            demo_encoders = [e for e in encoders if e != BASELINE] or encoders
+            best = max(demo_encoders, key=lambda e: runs[e]["all"])
+            held_data = prepare_synthetic(
+                root / "families",
+                families=[*families, *held_out],
+                holdout="families",
+                test_families=held_out,
+                **common,
+            )
+            held_runs = {best: train_one(held_data, best, root / "families" / "runs" / best, args)}
+            rows += table_rows(f"held-out families ({best})", held_out, copy_floor(held_data), held_runs)
+
+    columns = ["part", "family", "copy input", *encoders]
+    title = f"pass@1 on unseen test puzzles, {args.minutes:g} min of training per encoder"
+    console.print(render_table(rows, columns, title=title))
+    if args.no_record:
+        return
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    header = (
+        f"### {stamp}: {machine()}, load avg {os.getloadavg()[0]:.1f}\n\n"
+        f"`python benchmarks/bench_fewshot.py --minutes {args.minutes:g} --encoders {','.join(encoders)} "
+        f"--families {','.join(families)} --held-out {','.join(held_out)} --train-puzzles {args.train_puzzles} "
+        f"--test-puzzles {args.test_puzzles} --grid-size {args.grid_size[0]}..{args.grid_size[1]} "
+        f"--num-aug {args.num_aug} --eval-num-aug {args.eval_num_aug} --threads {torch.get_num_threads()} "
+        f"--seed {args.seed}`\n\n"
+        f"pass@1 (votes over {args.eval_num_aug} augmentations); last row of each part: optimizer steps "
+        f"trained / process CPU seconds of training + evaluation.\n"
+    )
+    append_results(header + "\n" + markdown(rows, columns))
+    console.print(f"appended to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
