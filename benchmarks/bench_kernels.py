@@ -9,6 +9,10 @@ median time, the effective bandwidth (the bytes the op must move at minimum, the
 for every provider) or TFLOP/s, and that as a fraction of the device's measured peak (a large
 copy_ for bandwidth, a large matmul for TFLOP/s). Rows are appended to RESULTS.md.
 
+`--train-step PRESET` also times one ACT step (forward + backward, no optimizer) of that preset's
+model on a synthetic batch of 10-demo episodes, with ETRM_KERNELS=torch, =triton, and the torch
+path under torch.compile (the issue's goal: SF2, bf16, batch 128).
+
 Without a GPU the script runs every Triton kernel in Triton's CPU interpreter at tiny shapes,
 checks output and gradients against a float64 reference, and times nothing.
 """
@@ -210,6 +214,91 @@ def attention_cases(batch: int, dtype: torch.dtype, device: str, k_lens: list[in
     return cases
 
 
+def synthetic_episodes(batch: int, max_demos: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random grids of ARC-like sizes (3..30 a side) in the EpisodeSampler batch layout, all demo slots used."""
+    import numpy as np
+
+    from etrm.data.encoding import encode_grid
+
+    rng = np.random.default_rng(seed)
+
+    def tokens(count: int) -> torch.Tensor:
+        grids = [rng.integers(0, 10, tuple(rng.integers(3, 31, size=2))) for _ in range(count)]
+        return torch.from_numpy(np.stack([encode_grid(g) for g in grids]).astype(np.int64))
+
+    inputs = tokens(batch)
+    return {
+        key: value.to(device)
+        for key, value in {
+            "inputs": inputs,
+            "labels": torch.where(inputs == 0, -100, inputs),
+            "demo_inputs": tokens(batch * max_demos).view(batch, max_demos, -1),
+            "demo_outputs": tokens(batch * max_demos).view(batch, max_demos, -1),
+            "demo_mask": torch.ones(batch, max_demos, dtype=torch.bool),
+            "puzzle_identifiers": torch.zeros(batch, dtype=torch.int64),
+        }.items()
+    }
+
+
+def run_train_step(preset: str, batch_size: int, device: str) -> list[dict]:
+    """One ACT step, forward + backward, of the preset's model: torch path, Triton path, torch path compiled."""
+    from triton.testing import do_bench
+
+    from etrm.config import get_preset
+    from etrm.models import build_model
+    from etrm.models.losses import ACTLossHead
+
+    arch = get_preset(preset).arch
+    batch = synthetic_episodes(batch_size, 10, device)
+    torch.manual_seed(0)
+    head = ACTLossHead(build_model(arch)).to(device).train()
+    params = list(head.parameters())
+    size = f"{preset} batch {batch_size}, hidden {arch.hidden_size}, 10 demos"
+    rows = []
+    previous_mode = os.environ.get("ETRM_KERNELS")
+    for provider, mode, step_fn in (
+        ("torch", "torch", head),
+        ("triton", "triton", head),
+        ("torch.compile", "torch", torch.compile(head)),
+    ):
+        os.environ["ETRM_KERNELS"] = mode
+
+        def step(step_fn=step_fn):
+            _, loss, *_ = step_fn(head.initial_carry(batch), batch)
+            loss.backward()
+
+        try:
+            ms = do_bench(step, grad_to_none=params, quantiles=[0.5])
+        except Exception as exc:  # e.g. a graph torch.compile cannot handle: reported, not fatal
+            rows.append(
+                {
+                    "op": "train step",
+                    "size": size,
+                    "provider": provider,
+                    "pass": "fwd+bwd",
+                    "ms": "-",
+                    "value": f"failed: {type(exc).__name__}",
+                }
+            )
+            continue
+        value = f"{batch_size / ms * 1e3:.1f} samples/s"
+        rows.append(
+            {
+                "op": "train step",
+                "size": size,
+                "provider": provider,
+                "pass": "fwd+bwd",
+                "ms": f"{ms:.2f}",
+                "value": value,
+            }
+        )
+    if previous_mode is None:
+        os.environ.pop("ETRM_KERNELS")
+    else:
+        os.environ["ETRM_KERNELS"] = previous_mode
+    return rows
+
+
 def measured_peaks(device: str) -> tuple[float, float]:
     """(copy bandwidth in GB/s counting read + write, bf16 matmul TFLOP/s) measured on this device."""
     from triton.testing import do_bench
@@ -382,6 +471,9 @@ def main() -> None:
     parser.add_argument("--attn-batch", type=int, default=128, help="set-encoder batch for cross-attention")
     parser.add_argument("--lk", type=lambda s: [int(x) for x in s.split(",")], default=[2000, 8000, 18000])
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument(
+        "--train-step", metavar="PRESET", help="also time one ACT step of this preset (e.g. SF2)"
+    )
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -389,6 +481,8 @@ def main() -> None:
     console = Console()
     if torch.cuda.is_available():
         rows = run_gpu(args, dtype)
+        if args.train_step:
+            rows += run_train_step(args.train_step, args.batch, "cuda")
         title = f"bench_kernels on {machine()} ({args.dtype})"
     else:
         rows = run_cpu_check()
