@@ -70,7 +70,13 @@ def _swiglu_bwd(
 
 
 def _grid_and_tile(n_rows: int, n_cols: int):
-    block_m, block_n, num_warps = row_tile(min(n_cols, 1024))
+    """Column blocks of at most 1,024 that tile the width exactly when they can.
+
+    TRM's widths are multiples of 256: 1,536 → 3 × 512, not 2 × 1,024 with half a block idle.
+    """
+    power_of_two_factor = n_cols & -n_cols
+    block_cols = power_of_two_factor if power_of_two_factor >= 256 else n_cols
+    block_m, block_n, num_warps = row_tile(min(block_cols, 1024))
     return (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n)), block_m, block_n, num_warps
 
 
