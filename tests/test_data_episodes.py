@@ -190,3 +190,21 @@ def test_bad_arguments(dataset):
         EpisodeSampler(split, 4, "test")
     with pytest.raises(EtrmError, match="rank 2"):
         EpisodeSampler(split, 4, "train", rank=2, world_size=2)
+
+
+def test_buffers_are_reused_only_after_the_caller_drops_a_batch(dataset):
+    sampler = EpisodeSampler(dataset.split("train"), 5, "train", seed=9, max_demos=3)
+    kept = [(batch, {k: v.clone() for k, v in batch.items()}) for _ in range(3) for batch in sampler]
+    for batch, copy in kept:
+        for key, value in copy.items():
+            assert torch.equal(batch[key], value), key
+    del kept, batch
+    iterator = iter(sampler)
+    first = next(iterator)
+    address = first["demo_inputs"].data_ptr()
+    del first
+    second = next(iterator)
+    assert second["demo_inputs"].data_ptr() == address  # the dropped batch's memory, reused
+    held = second["labels"][:2]  # a view keeps the whole buffer in use
+    del second
+    assert next(iterator)["labels"].data_ptr() != held.data_ptr()

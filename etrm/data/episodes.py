@@ -14,6 +14,7 @@ a run resumed from state_dict() sees exactly the batches it would have seen.
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 
@@ -69,6 +70,7 @@ class EpisodeSampler:
         self.position = 0  # batches of the current epoch already yielded
 
         self._bank = CanvasBank(split.tokens, split.shapes)
+        self._buffers = _BufferPool()
         self._plan_epoch = None
         stored_augs = np.diff(split.aug_offsets)
         self._augs_per_group = np.minimum(stored_augs, num_aug) if num_aug else stored_augs
@@ -103,9 +105,9 @@ class EpisodeSampler:
         if self.position >= len(self):
             self.epoch, self.position = self.epoch + 1, 0
         while self.position < len(self):
-            batch = self._batch(self.epoch, self.position)
             self.position += 1
-            yield batch
+            # No local name for the batch: once the caller drops it, its buffers can be reused.
+            yield self._batch(self.epoch, self.position - 1)
         self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
@@ -171,8 +173,7 @@ class EpisodeSampler:
         demo_pairs = first_pair[:, None] + slot + (slot >= skip[:, None])
 
         # Rows 0..n-1 hold the queries and row n + e * slots + s demo slot s of episode e, so that
-        # inputs and demo_inputs are contiguous views of one array. np.zeros maps pages lazily:
-        # absent demo slots cost nothing here.
+        # inputs and demo_inputs are contiguous views of one array; absent demo slots stay zero.
         pairs = np.concatenate([first_pair + local_query, demo_pairs[demo_mask]])
         dest = np.concatenate([np.arange(n), n + np.flatnonzero(demo_mask)])
         aug_row = split.aug_offsets[group] + aug
@@ -180,7 +181,7 @@ class EpisodeSampler:
         dihedral = split.aug_dihedral[row_aug].astype(np.int64)
         colors = split.aug_colors[row_aug]
         offsets = None if offsets_rng is None else self._random_offsets(pairs, dihedral, offsets_rng)
-        inputs, outputs = (np.zeros((n * (1 + slots), SEQ_LEN), np.int64) for _ in range(2))
+        inputs, outputs = (self._buffers.take(n * (1 + slots), dest) for _ in range(2))
         for side, buffer in ((0, inputs), (1, outputs)):
             self._bank.render_into(
                 buffer, dest, (2 * pairs + side) * NUM_DIHEDRAL + dihedral, colors, offsets
@@ -210,3 +211,33 @@ class EpisodeSampler:
         out_shapes = transformed_shapes(split.shapes[2 * pairs + 1].astype(np.int64), dihedral)
         room = CANVAS - np.maximum(in_shapes, out_shapes) + 1
         return (rng.random((len(pairs), 2)) * room).astype(np.int64)
+
+
+class _BufferPool:
+    """Token buffers handed out again once no tensor uses them any more.
+
+    Writing into fresh memory costs a page fault per page, which dominated the
+    sampler's time. A buffer is reused only when the pool holds the last reference to
+    it (every tensor of its batch has been dropped: torch.from_numpy keeps the array
+    alive), so a batch the caller still holds is never overwritten; otherwise a new
+    buffer is allocated.
+    """
+
+    def __init__(self, capacity: int = 4):
+        self.capacity = capacity
+        self._entries: list[list] = []  # [buffer, rows written into it last time]
+
+    def take(self, rows: int, dest: np.ndarray) -> np.ndarray:
+        """An int64 [rows, 900] buffer, zero outside `dest` (rows the caller overwrites)."""
+        for entry in self._entries:
+            # References: the entry's list slot and getrefcount's argument.
+            if entry[0].shape[0] == rows and sys.getrefcount(entry[0]) == 2:
+                buffer, written = entry
+                stale = np.setdiff1d(written, dest, assume_unique=True)
+                buffer[stale] = 0
+                entry[1] = dest
+                return buffer
+        buffer = np.zeros((rows, SEQ_LEN), np.int64)
+        if len(self._entries) < self.capacity:
+            self._entries.append([buffer, dest])
+        return buffer
