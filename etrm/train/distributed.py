@@ -7,6 +7,7 @@ to rank 0 for checkpoints and scattered back on resume.
 
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
 import sys
@@ -16,6 +17,8 @@ import torch
 import torch.distributed as dist
 
 from etrm.errors import EtrmError
+
+EVAL_WAIT = datetime.timedelta(hours=3)
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,8 @@ def init_distributed() -> DistContext:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        # Rank 0 evaluates alone while the others wait at a barrier: allow a long evaluation.
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=EVAL_WAIT)
     return DistContext(dist.get_rank(), world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
 
 
