@@ -111,6 +111,8 @@ def _load_kaggle(spec: str, challenges_file: Path) -> Source:
     challenges = _parse_json(raw, str(challenges_file))
     if not isinstance(challenges, dict):
         raise EtrmError(f"{challenges_file}: expected an object of task id -> task")
+    if isinstance(challenges.get("train"), list) and isinstance(challenges.get("test"), list):
+        raise EtrmError(f"{challenges_file}: a single ARC task file; pass the folder that holds it")
     digest = hashlib.sha256(raw)
     solutions_file = challenges_file.with_name(challenges_file.name.replace("challenges", "solutions"))
     solutions: dict = {}
