@@ -195,7 +195,7 @@ def test_bad_json_and_unknown_source(sources, tmp_path):
     with pytest.raises(EtrmError, match="source 'arc-agi-3-train'"):
         build("arc-agi-3-train", test, tmp_path / "ds")
     with pytest.raises(EtrmError, match="te0.json: a single ARC task file; pass the folder"):
-        build(train, test / "te0.json", tmp_path / "ds")
+        build(test, test / "te0.json", tmp_path / "ds")
 
 
 def test_existing_output_needs_overwrite(sources, tmp_path):
