@@ -10,7 +10,7 @@ from etrm.errors import EtrmError
 from etrm.models import build_model
 from etrm.models.losses import ACTLossHead, stablemax_cross_entropy
 
-SEQ_LEN = 900
+SIDE = 10  # a 10×10 corner of the 30×30 canvas (arch.seq_len=100) keeps these tests quick
 
 
 def tiny_arch(**overrides) -> ArchConfig:
@@ -21,7 +21,7 @@ def tiny_arch(**overrides) -> ArchConfig:
         L_cycles=2,
         L_layers=2,
         halt_max_steps=4,
-        seq_len=SEQ_LEN,
+        seq_len=SIDE * SIDE,
         encoder_type="puzzle_embedding",
         num_puzzle_identifiers=6,
     )
@@ -30,12 +30,15 @@ def tiny_arch(**overrides) -> ArchConfig:
 
 
 def random_batch(batch_size=3, seed=0):
+    """Random tokens in the canvas corner; labels on its first half, -100 elsewhere (as PAD is)."""
     g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 12, (batch_size, SEQ_LEN), generator=g)
-    labels[:, SEQ_LEN // 2 :] = -100
+    inputs = torch.zeros(batch_size, 30, 30, dtype=torch.long)
+    labels = torch.full((batch_size, 30, 30), -100)
+    inputs[:, :SIDE, :SIDE] = torch.randint(0, 12, (batch_size, SIDE, SIDE), generator=g)
+    labels[:, : SIDE // 2, :SIDE] = torch.randint(0, 12, (batch_size, SIDE // 2, SIDE), generator=g)
     return {
-        "inputs": torch.randint(0, 12, (batch_size, SEQ_LEN), generator=g),
-        "labels": labels,
+        "inputs": inputs.view(batch_size, 900),
+        "labels": labels.view(batch_size, 900),
         "puzzle_identifiers": torch.arange(1, batch_size + 1),
     }
 
@@ -121,9 +124,8 @@ def test_target_q_continue_is_the_next_steps_q_values():
         loss.backward()
         with torch.no_grad():
             context, _ = model.encoder(carry.current_data)
-            *_, next_halt, next_continue = model.decoder(
-                carry.z_H, carry.z_L, carry.current_data["inputs"], context
-            )
+            corner = carry.current_data["inputs"].view(-1, 30, 30)[:, :SIDE, :SIDE].reshape(-1, SIDE * SIDE)
+            *_, next_halt, next_continue = model.decoder(carry.z_H, carry.z_L, corner, context)
         last = carry.steps >= 2
         expected = torch.sigmoid(torch.where(last, next_halt, torch.maximum(next_halt, next_continue)))
         torch.testing.assert_close(outputs["target_q_continue"], expected)
@@ -216,3 +218,25 @@ def test_bfloat16_forward_keeps_latents_in_bf16_and_tracks_float32():
     diff = (out16["logits"].float() - out32["logits"]).abs()
     assert diff.mean() < 0.03 * out32["logits"].abs().mean()
     assert (out16["logits"].argmax(-1) == out32["logits"].argmax(-1)).float().mean() > 0.97
+
+
+def test_small_canvas_decodes_the_corner_and_predicts_pad_outside():
+    model = build_model(tiny_arch())
+    batch = random_batch()
+    head = ACTLossHead(model)
+    _, loss, _, outputs, _ = head(head.initial_carry(batch), batch)
+    logits = outputs["logits"].view(3, 30, 30, 12)
+    assert logits.shape == (3, 30, 30, 12)
+    assert (logits[:, SIDE:].argmax(-1) == 0).all() and (logits[:, :, SIDE:].argmax(-1) == 0).all()
+    loss.backward()  # labels live only in the corner, so the whole loss reaches the decoder
+    assert model.decoder.lm_head.weight.grad.abs().sum() > 0
+    too_big = random_batch()
+    too_big["inputs"].view(3, 30, 30)[1, 3, SIDE] = 2
+    with pytest.raises(EtrmError, match="too small for a grid"):
+        model(model.initial_carry(too_big), too_big)
+    label_outside = random_batch()
+    label_outside["labels"].view(3, 30, 30)[0, SIDE, 0] = 1
+    with pytest.raises(EtrmError, match="too small for a grid"):
+        model(model.initial_carry(label_outside), label_outside)
+    with pytest.raises(EtrmError, match="square"):
+        build_model(tiny_arch(seq_len=120))

@@ -20,6 +20,7 @@ from torch import nn
 from etrm.config import ArchConfig
 from etrm.errors import EtrmError
 from etrm.models.encoders import build_encoder
+from etrm.models.losses import IGNORE_LABEL_ID
 from etrm.models.trm import TRMDecoder
 
 FORWARD_DTYPES = ("auto", "float32", "bfloat16")
@@ -109,7 +110,7 @@ class ETRM(nn.Module):
         steps = torch.where(reset, 0, carry.steps)
         context, kl, cached = self._context(reset, current, carry.context)
 
-        inputs = self._decoder_canvas(current["inputs"])
+        inputs = self._decoder_canvas(current)
         z_H, z_L, logits, q_halt, q_continue = self.decoder(z_H, z_L, inputs, context)
         outputs = {
             "logits": self._full_canvas(logits),
@@ -140,17 +141,27 @@ class ETRM(nn.Module):
                     )
         return Carry(z_H, z_L, steps, halted, current, cached), outputs
 
-    def _decoder_canvas(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, 900] → [B, seq_len]: the canvas corner the decoder sees; a grid reaching past it is an error."""
-        side = self.canvas_side
+    def _decoder_canvas(self, current: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The query's [B, 900] tokens cut to the seq_len corner the decoder sees.
+
+        A grid or a label reaching past the corner is an error: it could be neither read nor predicted.
+        """
+        tokens, side = current["inputs"], self.canvas_side
         if side == CANVAS_SIDE:
             return tokens
-        canvas = tokens.view(-1, CANVAS_SIDE, CANVAS_SIDE)
-        if (canvas[:, side:] != PAD_TOKEN).any() or (canvas[:, :, side:] != PAD_TOKEN).any():
+        outside = torch.ones(CANVAS_SIDE, CANVAS_SIDE, dtype=torch.bool, device=tokens.device)
+        outside[:side, :side] = False
+        outside = outside.view(-1)
+        labels = current.get("labels")
+        if (tokens[:, outside] != PAD_TOKEN).any() or (
+            labels is not None and (labels[:, outside] != IGNORE_LABEL_ID).any()
+        ):
             raise EtrmError(
                 f"arch.seq_len={self.arch.seq_len} ({side}×{side} canvas) is too small for a grid in this batch"
             )
-        return canvas[:, :side, :side].reshape(tokens.shape[0], side * side)
+        return tokens.view(-1, CANVAS_SIDE, CANVAS_SIDE)[:, :side, :side].reshape(
+            tokens.shape[0], side * side
+        )
 
     def _full_canvas(self, logits: torch.Tensor) -> torch.Tensor:
         """[B, seq_len, V] → [B, 900, V]; cells outside the decoder's corner predict PAD (no gradient)."""
