@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from etrm.console import console, emit, err_console, print_json
+from etrm.diagnose.checkpoint import checkpoint_command
 
 app = typer.Typer(help="Diagnose checkpoints and runs.", no_args_is_help=True)
 
@@ -198,4 +199,4 @@ def act_command(run: Path = RUN_ARGUMENT, as_json: bool = JSON_OPTION) -> None:
         show_warnings([stats.warning])
 
 
-app.command("checkpoint")(__import__("etrm.diagnose.checkpoint", fromlist=["_"]).checkpoint_command)
+app.command("checkpoint")(checkpoint_command)
