@@ -240,3 +240,18 @@ def test_small_canvas_decodes_the_corner_and_predicts_pad_outside():
         model(model.initial_carry(label_outside), label_outside)
     with pytest.raises(EtrmError, match="square"):
         build_model(tiny_arch(seq_len=120))
+
+
+def test_only_the_last_h_cycle_is_backpropagated():
+    """H_cycles=3, L_cycles=2: the shared net runs 9 times per step, but gradient flows through 3 (2 z_L + 1 z_H)."""
+    model = build_model(tiny_arch(H_cycles=3, L_cycles=2, halt_max_steps=2)).train()
+    backward_calls = []
+    model.decoder.L_level.layers[0].register_full_backward_hook(lambda *_: backward_calls.append(1))
+    forward_calls = []
+    model.decoder.L_level.layers[0].register_forward_hook(lambda *_: forward_calls.append(1))
+    batch = random_batch()
+    head = ACTLossHead(model)
+    carry, loss, *_ = head(head.initial_carry(batch), batch)
+    loss.backward()
+    assert len(forward_calls) == 9 and len(backward_calls) == 3
+    assert not carry.z_H.requires_grad and not carry.z_L.requires_grad
