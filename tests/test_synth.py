@@ -37,6 +37,7 @@ def test_every_puzzle_is_valid_arc_and_its_demos_determine_the_answer(name):
         assert len(set(inputs)) == len(inputs)
         for x, y in puzzle.demos + puzzle.queries:
             assert x.shape != y.shape or (x != y).any()  # every pair shows the rule acting
+            assert y.any()  # on an answer that is not all background
             np.testing.assert_array_equal(family.apply(x, puzzle.params), y)
         # From the demos alone: every parameter value consistent with them gives the query's output.
         for x, y in puzzle.queries:

@@ -476,8 +476,8 @@ def _grid_key(grid: Grid) -> bytes:
 
 
 def generate_puzzle(family: Family, rng: np.random.Generator, lo: int, hi: int) -> Puzzle:
-    """Draw parameters and inputs until every grid is in range, every pair shows the rule acting,
-    all inputs differ, and the demos determine every query's answer."""
+    """Draw parameters and inputs until every grid is in range, every pair shows the rule acting on
+    a non-empty answer, all inputs differ, and the demos determine every query's answer."""
     for _ in range(_MAX_ATTEMPTS):
         params = family.sample_params(rng, lo, hi)
         num_demos = int(rng.integers(DEMOS_PER_PUZZLE[0], DEMOS_PER_PUZZLE[1] + 1))
@@ -492,7 +492,8 @@ def generate_puzzle(family: Family, rng: np.random.Generator, lo: int, hi: int) 
                 continue
             keys.add(_grid_key(x))
             y = family.apply(x, params)
-            if _same(x, y) or not all(lo <= side <= hi for side in (*x.shape, *y.shape)):
+            # The rule must act, and leave something to draw: an all-background answer is guessable.
+            if _same(x, y) or not y.any() or not all(lo <= side <= hi for side in (*x.shape, *y.shape)):
                 continue
             pairs.append((x, y))
         demos, queries = pairs[:num_demos], pairs[num_demos:]
