@@ -235,7 +235,7 @@ def test_cli_extends_a_finished_run(data, tmp_path, capsys):
 
     run = tmp_path / "run"
     common = ["--set", f"data.path={data}", "--set", "arch.hidden_size=16", "--set", "arch.L_layers=1"]
-    common += ["--set", "train.eval_interval=0"]
+    common += ["--set", "train.eval_interval=0", "--set", "arch.seq_len=36"]
     main(
         [
             "train",

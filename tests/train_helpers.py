@@ -43,7 +43,11 @@ def build_tiny_dataset(root: Path, split: str = "fewshot") -> Path:
 
 
 def tiny_config(preset: str, data_path: Path, *extra: str) -> RunConfig:
-    """A preset at cpu-smoke size, made smaller still so that a step takes well under a second."""
+    """A preset at cpu-smoke size, made smaller still so that a step takes well under a second.
+
+    The decoder reads only the 6×6 corner of the canvas (arch.seq_len=36): the test grids are at
+    most 4×4, so with their EOS row and column they fit.
+    """
     return apply_overrides(
         get_preset(preset, size="cpu-smoke"),
         [
@@ -53,6 +57,7 @@ def tiny_config(preset: str, data_path: Path, *extra: str) -> RunConfig:
             "arch.H_cycles=2",
             "arch.L_cycles=1",
             "arch.L_layers=1",
+            "arch.seq_len=36",
             "train.eval_interval=0",
             "train.ema=true",
             "train.ema_rate=0.9",
