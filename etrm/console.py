@@ -18,8 +18,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped or captured output is not squeezed into 80 columns: tables keep one line per row.
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 def make_progress(transient: bool = False) -> Progress:
