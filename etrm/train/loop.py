@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from etrm import __version__
-from etrm.config import RunConfig, config_to_dict, load_config
+from etrm.config import RunConfig, apply_overrides, config_to_dict, load_config
 from etrm.console import err_console, make_progress
 from etrm.errors import EtrmError
 from etrm.io import atomic_write_json
@@ -161,6 +161,7 @@ class Trainer:
         from etrm.models import build_model
         from etrm.models.losses import ACTLossHead
 
+        cfg = apply_overrides(cfg, [])  # a private copy: the dataset fills in fields below
         self.cfg, self.run_dir, self.ctx = cfg, run_dir, ctx
         t = cfg.train
         if t.global_batch_size % ctx.world_size:
