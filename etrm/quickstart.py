@@ -172,14 +172,14 @@ def run_quickstart(out: Path, minutes: float, encoder: str, seed: int, progress:
 
     if out.exists() and any(out.iterdir()):
         raise EtrmError(f"--out {out}: already holds files; choose a new folder")
-    cfg_check = fewshot_config(out / "data", encoder, minutes, seed)  # bad options fail before any work
+    cfg = fewshot_config(out / "data", encoder, minutes, seed)  # bad options fail before any work
     err_console.print(f"[1/4] synthesising {', '.join(FEWSHOT_FAMILIES)} puzzles and building {out / 'data'}")
     data = prepare_synthetic(out, seed=seed)
     err_console.print(f"[2/4] training a {encoder} ETRM on the CPU for {minutes:g} min")
     run_dir = out / "runs" / encoder
     # Voting costs inference time: a run of a few seconds gets one augmentation, 8 minutes or more get 8.
     eval_num_aug = max(1, min(EVAL_NUM_AUG, math.floor(minutes)))
-    results = train_and_evaluate(cfg_check, run_dir, eval_num_aug=eval_num_aug, progress=progress)
+    results = train_and_evaluate(cfg, run_dir, eval_num_aug=eval_num_aug, progress=progress)
     err_console.print(
         f"[3/4] evaluated {len(results['puzzles'])} unseen test puzzles, {eval_num_aug} augmentation(s) voted"
     )
