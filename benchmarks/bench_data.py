@@ -10,35 +10,20 @@ machine is shared, so each row also gives the process's CPU time and the load av
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import resource
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
+from results import append_table_rows, machine, utc_stamp  # benchmarks/results.py
 
 from etrm.console import console, render_table
 from etrm.data.build import BuildOptions, build_dataset, resolve_sources
 from etrm.data.dataset import ArcDataset
 from etrm.data.episodes import EpisodeSampler
-from etrm.io import atomic_write_bytes
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADING = "## bench_data"
 COLUMNS = ["date", "machine", "benchmark", "size", "wall", "cpu", "goal"]
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    load = os.getloadavg()[0]
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, load avg {load:.1f}"
 
 
 def timed(fn):
@@ -104,21 +89,6 @@ def bench_sampler(
     }
 
 
-def append_results(rows: list[dict]) -> None:
-    lines = [f"| {' | '.join(str(row.get(c, '')) for c in COLUMNS)} |" for row in rows]
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if HEADING not in text:
-        header = f"| {' | '.join(COLUMNS)} |\n|{'---|' * len(COLUMNS)}"
-        text = text.rstrip("\n") + f"\n\n{HEADING}\n\n{header}\n" + "\n".join(lines) + "\n"
-    else:
-        start = text.index(HEADING)
-        following = text.find("\n## ", start + len(HEADING))
-        end = len(text) if following == -1 else following
-        section = text[start:end].rstrip("\n") + "\n" + "\n".join(lines) + "\n"
-        text = text[:start] + section + ("\n" + text[end:].lstrip("\n") if following != -1 else "")
-    atomic_write_bytes(RESULTS, text.encode())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-aug", type=int, default=1000)
@@ -134,13 +104,13 @@ def main() -> None:
         rows.append(bench_sampler(dataset, "train", "train", args.batch_size, args.batches))
         rows.append(bench_sampler(dataset, "train", "train", args.batch_size, args.batches, translate=True))
         rows.append(bench_sampler(dataset, "test", "eval", args.batch_size, args.batches))
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = utc_stamp()
     description = machine()
     for row in rows:
         row.update(date=stamp, machine=description)
     console.print(render_table(rows, COLUMNS[2:], title=f"bench_data - {description}"))
     if not args.no_save:
-        append_results(rows)
+        append_table_rows(HEADING, COLUMNS, rows)
 
 
 if __name__ == "__main__":

@@ -13,38 +13,16 @@ counted in (query, augmentation) pairs per second.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from results import append_table_rows, machine, utc_stamp  # benchmarks/results.py
 from rich.console import Console
 from rich.table import Table
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADING = "## bench_eval"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    import torch
-
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"load avg {load:.1f}"
-    )
 
 
 def synthetic_predictions(num_puzzles: int, num_augs: int, seed: int = 0):
@@ -142,27 +120,6 @@ def bench_inference(num_puzzles: int = 4, num_augs: int = 8, batch_size: int = 1
     ]
 
 
-def append_results(rows: list[dict], machine_description: str) -> None:
-    """Add rows under this benchmark's heading in RESULTS.md, leaving other sections untouched."""
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    new_lines = [
-        f"| {date} | {machine_description} | {r['benchmark']} | {r['size']} | {r['value']} |" for r in rows
-    ]
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    lines = text.rstrip("\n").split("\n")
-    if HEADING not in lines:
-        lines += ["", HEADING, "", "| date | machine | benchmark | size | value |", "|---|---|---|---|---|"]
-        end = len(lines)
-    else:
-        end = lines.index(HEADING) + 1
-        while end < len(lines) and not lines[end].startswith("## "):
-            end += 1
-        while lines[end - 1] == "":
-            end -= 1
-    lines[end:end] = new_lines
-    RESULTS.write_text("\n".join(lines) + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--puzzles", type=int, default=400)
@@ -178,7 +135,10 @@ def main() -> None:
     for row in rows:
         table.add_row(row["benchmark"], row["size"], row["value"])
     Console().print(table)
-    append_results(rows, machine())
+    stamp, description = utc_stamp(), machine()
+    for row in rows:
+        row.update(date=stamp, machine=description)
+    append_table_rows(HEADING, ["date", "machine", "benchmark", "size", "value"], rows)
 
 
 if __name__ == "__main__":

@@ -16,21 +16,18 @@ machine gives the runs unequal shares of it.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
+from results import RESULTS, append_to_section, machine, utc_stamp  # benchmarks/results.py
 
 from etrm.config import ENCODER_TYPES
 from etrm.console import console, render_table
 from etrm.data.dataset import ArcDataset
 from etrm.data.synth import family_of, parse_grid_size
-from etrm.io import atomic_write_bytes
 from etrm.quickstart import (
     EVAL_NUM_AUG,
     FEWSHOT_FAMILIES,
@@ -40,19 +37,9 @@ from etrm.quickstart import (
     train_and_evaluate,
 )
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADING = "## bench_fewshot"
 BASELINE = "puzzle_embedding"
 HELD_OUT_FAMILIES = ("border", "scale")
-
-
-def machine() -> str:
-    cpu = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def copy_floor(data: Path) -> dict[str, float]:
@@ -90,20 +77,6 @@ def table_rows(part: str, families: list[str], floor: dict, runs: dict[str, dict
         | {name: f"{s['steps']} / {s['cpu_s']:.0f}" for name, s in runs.items()}
     )
     return rows
-
-
-def append_results(text: str) -> None:
-    """Append at the end of this benchmark's section, creating the section (or the file) when missing."""
-    lines = RESULTS.read_text().splitlines() if RESULTS.exists() else ["# Benchmark results"]
-    if HEADING not in lines:
-        lines += ["", HEADING]
-    start = lines.index(HEADING)
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    section, rest = lines[:end], lines[end:]
-    while section[-1] == "":
-        section.pop()
-    lines = [*section, "", *text.splitlines(), *([""] + rest if rest else [])]
-    atomic_write_bytes(RESULTS, ("\n".join(lines) + "\n").encode())
 
 
 def markdown(rows: list[dict], columns: list[str]) -> str:
@@ -173,9 +146,9 @@ def main() -> None:
     console.print(render_table(rows, columns, title=title))
     if args.no_record:
         return
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = utc_stamp()
     header = (
-        f"### {stamp}: {machine()}, load avg {os.getloadavg()[0]:.1f}\n\n"
+        f"### {stamp}: {machine()}\n\n"
         f"`python benchmarks/bench_fewshot.py --minutes {args.minutes:g} --encoders {','.join(encoders)} "
         f"--families {','.join(families)} --held-out {','.join(held_out)} --train-puzzles {args.train_puzzles} "
         f"--test-puzzles {args.test_puzzles} --grid-size {args.grid_size[0]}..{args.grid_size[1]} "
@@ -184,7 +157,7 @@ def main() -> None:
         f"pass@1 (votes over {args.eval_num_aug} augmentations); last row of each part: optimizer steps "
         f"trained / process CPU seconds of training + evaluation.\n"
     )
-    append_results(header + "\n" + markdown(rows, columns))
+    append_to_section(HEADING, ["", *header.splitlines(), "", *markdown(rows, columns).splitlines()])
     console.print(f"appended to {RESULTS}")
 
 

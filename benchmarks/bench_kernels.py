@@ -20,14 +20,12 @@ checks output and gradients against a float64 reference, and times nothing.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
+from results import append_table_rows, machine, utc_stamp  # benchmarks/results.py
 
 if not torch.cuda.is_available():
     # Must precede the first import of the kernel modules: @triton.jit reads it then.
@@ -39,7 +37,6 @@ from rich.table import Table  # noqa: E402
 from etrm.kernels import reference, triton_ops  # noqa: E402
 from etrm.models.layers import RotaryEmbedding, swiglu_inner_size  # noqa: E402
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADING = "## bench_kernels"
 TOKENS = 916  # 900 grid cells + 16 context slots
 EPS = 1e-5
@@ -429,42 +426,6 @@ def run_cpu_check() -> list[dict]:
     return rows
 
 
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return f"CPU only ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}"
-
-
-def append_results(rows: list[dict], machine_description: str) -> None:
-    """Add rows under this benchmark's heading in RESULTS.md, leaving other sections untouched."""
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    new_lines = [
-        f"| {date} | {machine_description} | {r['op']} | {r['size']} | {r['provider']} | {r['pass']} | {r['ms']} | {r['value']} |"
-        for r in rows
-    ]
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    lines = text.rstrip("\n").split("\n")
-    if HEADING not in lines:
-        lines += [
-            "",
-            HEADING,
-            "",
-            "Rows from a machine without CUDA are Triton-interpreter correctness checks, not timings.",
-            "",
-            "| date | machine | op | size | provider | pass | ms | value |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        end = len(lines)
-    else:
-        end = lines.index(HEADING) + 1
-        while end < len(lines) and not lines[end].startswith("## "):
-            end += 1
-        while lines[end - 1] == "":
-            end -= 1
-    lines[end:end] = new_lines
-    RESULTS.write_text("\n".join(lines) + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128, help="decoder batch (rows = batch × 916)")
@@ -496,7 +457,17 @@ def main() -> None:
     if not torch.cuda.is_available():
         console.print("No CUDA device: timed nothing meaningful; GPU figures remain unmeasured.")
     if not args.no_record:
-        append_results(rows, machine())
+        stamp, description = utc_stamp(), machine()
+        for row in rows:
+            row.update(date=stamp, machine=description)
+        append_table_rows(
+            HEADING,
+            ["date", "machine", "op", "size", "provider", "pass", "ms", "value"],
+            rows,
+            intro=[
+                "Rows from a machine without CUDA are Triton-interpreter correctness checks, not timings."
+            ],
+        )
 
 
 if __name__ == "__main__":

@@ -19,37 +19,20 @@ the wall time of an idle machine when the machine is shared. Rows are appended t
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from results import append_table_rows, machine, utc_stamp  # benchmarks/results.py
 from rich.console import Console
 from rich.table import Table
 
 from etrm.config import RunConfig, apply_overrides, get_preset
 from etrm.data.encoding import IGNORE_LABEL_ID, encode_grid
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADING = "## bench_train_step"
 ARC_TRM = ["data.max_demos=10", "arch.num_puzzle_identifiers=1000"]
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"load avg {os.getloadavg()[0]:.1f}"
-    )
 
 
 def synthetic_batch(cfg: RunConfig, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -233,29 +216,10 @@ def main() -> None:
         table.add_row(r["benchmark"], r["size"], r["value"], r["reference"])
     console.print(table)
     if not args.no_record and rows:
-        record(rows, machine(device))
-
-
-def record(rows: list[dict], where: str) -> None:
-    """Append rows under this benchmark's heading in RESULTS.md (creating the heading if needed)."""
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [
-        f"| {stamp} | {where} | {r['benchmark']} | {r['size']} | {r['value']} | {r['reference']} |"
-        for r in rows
-    ]
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if HEADING not in text:
-        text = text.rstrip("\n") + (
-            f"\n\n{HEADING}\n\n| date | machine | benchmark | size | value | reference |\n|---|---|---|---|---|---|\n"
-        )
-        text += "\n".join(lines) + "\n"
-    else:
-        start = text.index(HEADING)
-        nxt = text.find("\n## ", start + len(HEADING))
-        end = len(text) if nxt == -1 else nxt
-        section = text[start:end].rstrip("\n") + "\n" + "\n".join(lines) + "\n"
-        text = text[:start] + section + text[end:]
-    RESULTS.write_text(text)
+        stamp, description = utc_stamp(), machine(device)
+        for row in rows:
+            row.update(date=stamp, machine=description)
+        append_table_rows(HEADING, ["date", "machine", "benchmark", "size", "value", "reference"], rows)
 
 
 if __name__ == "__main__":
