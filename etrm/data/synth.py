@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,25 +140,30 @@ def _blob(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 # ---------------------------------------------------------------- families
 
 
-class Family:
+class Family(ABC):
     """A rule with parameters. Subclasses say how to draw parameters and inputs and how to apply it."""
 
     name = ""
     summary = ""
 
-    def sample_params(self, rng: np.random.Generator, lo: int, hi: int) -> Params:
-        raise NotImplementedError
+    @abstractmethod
+    def sample_params(self, rng: np.random.Generator, lo: int, hi: int) -> Params: ...
 
+    @abstractmethod
     def sample_input(self, rng: np.random.Generator, params: Params, lo: int, hi: int) -> Grid | None:
         """A random input for this instance, or None to draw again."""
-        raise NotImplementedError
+        ...
 
-    def apply(self, grid: Grid, params: Params) -> Grid:
-        raise NotImplementedError
+    @abstractmethod
+    def apply(self, grid: Grid, params: Params) -> Grid: ...
 
     def param_space(self, lo: int, hi: int) -> list[Params]:
-        """Every parameter value the rule can take at these grid sizes (what the demos choose among)."""
-        raise NotImplementedError
+        """Every parameter value the rule can take at these grid sizes (what the demos choose among).
+
+        The default `solve` searches this space; a family whose parameters are read off the demos
+        directly (colour_map) overrides `solve` instead and has no space to list.
+        """
+        raise TypeError(f"family {self.name!r} reads its parameters in solve() and lists no space")
 
     def supports(self, lo: int, hi: int) -> bool:
         return True
