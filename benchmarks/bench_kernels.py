@@ -1,6 +1,7 @@
 """Fused-kernel speed: Triton vs torch eager vs torch.compile vs Liger-Kernel vs SDPA, forward and forward+backward.
 
-    python benchmarks/bench_kernels.py [--batch 128] [--dtype bf16] [--lk 2000,8000,18000] [--no-record]
+    python benchmarks/bench_kernels.py [--batch 128] [--dtype bf16] [--lk 2000,8000,18000] [--ops all|none|a,b]
+                                       [--train-step SF2] [--no-record]
 
 Shapes are the model's: rows = batch × 916 tokens at hidden 512 and 1,536 (add_rms_norm,
 swiglu at TRM's inner size, rotary of q and k with 64-wide heads), and the set encoder's
@@ -237,6 +238,12 @@ def synthetic_episodes(batch: int, max_demos: int, device: str, seed: int = 0) -
     }
 
 
+def report(row: dict) -> dict:
+    """Print a row as soon as it is measured (a run cut short by a time limit still shows what it had)."""
+    print(" | ".join(str(row[c]) for c in ("op", "size", "provider", "pass", "ms", "value")), flush=True)
+    return row
+
+
 def run_train_step(preset: str, batch_size: int, device: str) -> list[dict]:
     """One ACT step, forward + backward, of the preset's model: torch path, Triton path, torch path compiled."""
     from triton.testing import do_bench
@@ -268,26 +275,30 @@ def run_train_step(preset: str, batch_size: int, device: str) -> list[dict]:
             ms = do_bench(step, grad_to_none=params, quantiles=[0.5])
         except Exception as exc:  # e.g. a graph torch.compile cannot handle: reported, not fatal
             rows.append(
+                report(
+                    {
+                        "op": "train step",
+                        "size": size,
+                        "provider": provider,
+                        "pass": "fwd+bwd",
+                        "ms": "-",
+                        "value": f"failed: {type(exc).__name__}: {str(exc)[:120]}",
+                    }
+                )
+            )
+            continue
+        value = f"{batch_size / ms * 1e3:.1f} samples/s"
+        rows.append(
+            report(
                 {
                     "op": "train step",
                     "size": size,
                     "provider": provider,
                     "pass": "fwd+bwd",
-                    "ms": "-",
-                    "value": f"failed: {type(exc).__name__}",
+                    "ms": f"{ms:.2f}",
+                    "value": value,
                 }
             )
-            continue
-        value = f"{batch_size / ms * 1e3:.1f} samples/s"
-        rows.append(
-            {
-                "op": "train step",
-                "size": size,
-                "provider": provider,
-                "pass": "fwd+bwd",
-                "ms": f"{ms:.2f}",
-                "value": value,
-            }
         )
     if previous_mode is None:
         os.environ.pop("ETRM_KERNELS")
@@ -325,20 +336,26 @@ def time_case(case: Case, provider: str, backward: bool) -> float:
     return do_bench(step, grad_to_none=leaves, quantiles=[0.5])
 
 
+OPS = ("add_rms_norm", "swiglu", "rotary", "cross_attention")
+
+
 def run_gpu(args, dtype: torch.dtype) -> list[dict]:
     device = "cuda"
+    if not args.ops:
+        return []
     bandwidth_peak, flops_peak = measured_peaks(device)
-    console = Console()
+    console = Console(width=200)  # the table stays readable in a log
     console.print(f"measured peaks: copy {bandwidth_peak:.0f} GB/s, bf16 matmul {flops_peak:.0f} TFLOP/s")
     liger = liger_providers()
     if not liger:
         console.print("liger-kernel not importable: no Liger column")
-    cases = (
-        norm_cases(args.batch, dtype, device, liger)
-        + swiglu_cases(args.batch, dtype, device, liger)
-        + rotary_cases(args.batch, dtype, device, liger)
-        + attention_cases(args.attn_batch, dtype, device, args.lk)
-    )
+    makers = {
+        "add_rms_norm": lambda: norm_cases(args.batch, dtype, device, liger),
+        "swiglu": lambda: swiglu_cases(args.batch, dtype, device, liger),
+        "rotary": lambda: rotary_cases(args.batch, dtype, device, liger),
+        "cross_attention": lambda: attention_cases(args.attn_batch, dtype, device, args.lk),
+    }
+    cases = [case for op in args.ops for case in makers[op]()]
     rows = []
     for case in cases:
         for provider in case.providers:
@@ -346,7 +363,9 @@ def run_gpu(args, dtype: torch.dtype) -> list[dict]:
                 try:
                     ms = time_case(case, provider, backward)
                 except Exception as exc:  # a peer that cannot run this shape is reported, not fatal
-                    rows.append(result_row(case, provider, backward, None, f"failed: {type(exc).__name__}"))
+                    rows.append(
+                        report(result_row(case, provider, backward, None, f"failed: {type(exc).__name__}"))
+                    )
                     continue
                 n_bytes = case.bytes_fwd + (case.bytes_bwd if backward else 0)
                 flops = case.flops_fwd + (case.flops_bwd if backward else 0)
@@ -355,7 +374,7 @@ def run_gpu(args, dtype: torch.dtype) -> list[dict]:
                 fraction = f"{gbps / bandwidth_peak:.0%} of copy"
                 if flops:
                     throughput += f", {flops / ms / 1e9:.1f} TFLOP/s"
-                rows.append(result_row(case, provider, backward, ms, f"{throughput} ({fraction})"))
+                rows.append(report(result_row(case, provider, backward, ms, f"{throughput} ({fraction})")))
         torch.cuda.empty_cache()
     return rows
 
@@ -426,6 +445,18 @@ def run_cpu_check() -> list[dict]:
     return rows
 
 
+def parse_ops(text: str) -> list[str]:
+    if text == "all":
+        return list(OPS)
+    if text == "none":
+        return []
+    ops = [op.strip() for op in text.split(",") if op.strip()]
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}")
+    return ops
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128, help="decoder batch (rows = batch × 916)")
@@ -433,13 +464,19 @@ def main() -> None:
     parser.add_argument("--lk", type=lambda s: [int(x) for x in s.split(",")], default=[2000, 8000, 18000])
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     parser.add_argument(
+        "--ops",
+        type=parse_ops,
+        default=list(OPS),
+        help=f"ops to time: all, none, or a comma list of {', '.join(OPS)}",
+    )
+    parser.add_argument(
         "--train-step", metavar="PRESET", help="also time one ACT step of this preset (e.g. SF2)"
     )
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
 
-    console = Console()
+    console = Console(width=200)  # the table stays readable in a log
     if torch.cuda.is_available():
         rows = run_gpu(args, dtype)
         if args.train_step:

@@ -1,8 +1,7 @@
 """Triton kernels (run in Triton's CPU interpreter) against a float64 evaluation of etrm.kernels.reference.
 
-Tolerance rule (flash-attention's), in float32, float16 and bfloat16: the kernel's largest
-error against float64 must be within twice the error of plain PyTorch (the reference run at
-the same precision) plus about one unit in the last place of the output's scale.
+The tolerance rule is in tests/kernel_helpers.py; tests/test_kernels_cuda.py runs the same checks
+at the model's real shapes on a GPU.
 """
 
 from __future__ import annotations
@@ -13,15 +12,22 @@ import subprocess
 import sys
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
+from kernel_helpers import (  # tests/kernel_helpers.py
+    DTYPES,
+    check_against_float64,
+    key_mask_with_edge_rows,
+    rope_tables,
+    tables_for,
+    tiny_episode,
+    two_act_steps,
+)
 
-from etrm.config import ENCODER_TYPES, ArchConfig
+from etrm.config import ENCODER_TYPES
 from etrm.errors import EtrmError
 from etrm.kernels import reference
 
-ULP_FLOOR = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 KERNEL_MODULES = ("rms_norm", "swiglu", "rotary", "cross_attention")
 
 
@@ -46,45 +52,6 @@ def ops():
         del os.environ["TRITON_INTERPRET"]
     else:
         os.environ["TRITON_INTERPRET"] = previous
-
-
-def run_with_grads(fn, tensors, grad_out, dtype):
-    """fn(*tensors cast to dtype) and the gradient of <out, grad_out> w.r.t. every floating tensor."""
-    leaves = [t.detach().to(dtype).requires_grad_() if t.is_floating_point() else t for t in tensors]
-    out = fn(*leaves)
-    out.backward(grad_out.to(dtype))
-    return out.detach(), [t.grad for t in leaves if t.is_floating_point()]
-
-
-def check_against_float64(triton_fn, torch_fn, tensors, dtype, seed=0):
-    """Compare triton_fn and torch_fn (both at `dtype`) with torch_fn in float64; returns the triton results."""
-    torch.manual_seed(seed)
-    # The float64 reference starts from the same (rounded) inputs, so only the op's own error counts.
-    tensors = [t.to(dtype) if t.is_floating_point() else t for t in tensors]
-    shape_probe = torch_fn(*tensors)
-    grad_out = torch.randn(shape_probe.shape, dtype=torch.float64).to(dtype).double()
-    exact_out, exact_grads = run_with_grads(torch_fn, tensors, grad_out, torch.float64)
-    torch_out, torch_grads = run_with_grads(torch_fn, tensors, grad_out, dtype)
-    got_out, got_grads = run_with_grads(triton_fn, tensors, grad_out, dtype)
-    assert got_out.dtype == dtype and got_out.shape == exact_out.shape
-    for name, got, plain, exact in zip(
-        ["output"] + [f"grad {i}" for i in range(len(exact_grads))],
-        [got_out, *got_grads],
-        [torch_out, *torch_grads],
-        [exact_out, *exact_grads],
-        strict=True,
-    ):
-        assert got.dtype == dtype and torch.isfinite(got).all(), name
-        err = (got.double() - exact).abs().max().item()
-        torch_err = (plain.double() - exact).abs().max().item()
-        allowed = 2 * torch_err + ULP_FLOOR[dtype] * max(exact.abs().max().item(), 1.0)
-        assert err <= allowed, (
-            f"{name}: error {err:.3g} > allowed {allowed:.3g} (plain torch {torch_err:.3g})"
-        )
-    return got_out, got_grads
-
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -112,18 +79,6 @@ def test_swiglu_on_halves_of_one_projection(ops, shape, dtype):
     check_against_float64(halves(ops.swiglu), halves(reference.swiglu), [gate_up], dtype)
 
 
-def rope_tables(seq_len: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from etrm.models.layers import RotaryEmbedding
-
-    cos, sin = RotaryEmbedding(head_dim, max_positions=seq_len, base=10000.0)()
-    return cos, sin
-
-
-def tables_for(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 tables, float64 for the float64 reference (the reference does its math in the tables' dtype)."""
-    return (cos.double(), sin.double()) if x.dtype == torch.float64 else (cos, sin)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("batch", "seq_len", "heads", "head_dim"), [(2, 7, 3, 32), (1, 19, 2, 64)])
 def test_apply_rotary_on_qkv_split(ops, batch, seq_len, heads, head_dim, dtype):
@@ -147,16 +102,6 @@ def test_apply_rotary_general_tables(ops):
         [torch.randn(3, 5, 2, 32)],
         torch.float32,
     )
-
-
-def key_mask_with_edge_rows(k_len: int) -> torch.Tensor:
-    """Batch row 0 random, row 1 fully masked, row 2 a single key."""
-    mask = torch.rand(3, k_len) > 0.4
-    mask[0, 0] = True
-    mask[1] = False
-    mask[2] = False
-    mask[2, k_len // 2] = True
-    return mask
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -227,60 +172,6 @@ def test_dispatch_honours_etrm_kernels(ops, monkeypatch):
     monkeypatch.setenv("ETRM_KERNELS", "cuda")
     with pytest.raises(EtrmError, match="ETRM_KERNELS"):
         kernels.swiglu(gate, up)
-
-
-def tiny_episode() -> dict:
-    """One query with two small demos, as EpisodeSampler would batch it."""
-    from etrm.data.encoding import encode_grid
-
-    rng = np.random.default_rng(0)
-
-    def tokens(height: int, width: int) -> torch.Tensor:
-        return torch.from_numpy(encode_grid(rng.integers(0, 10, (height, width))).astype(np.int64))
-
-    inputs = tokens(3, 4)[None]
-    return {
-        "inputs": inputs,
-        "labels": torch.where(inputs == 0, -100, inputs),
-        "demo_inputs": torch.stack([tokens(3, 3), tokens(2, 4)])[None],
-        "demo_outputs": torch.stack([tokens(3, 3), tokens(4, 2)])[None],
-        "demo_mask": torch.tensor([[True, True]]),
-        "puzzle_identifiers": torch.tensor([1]),
-    }
-
-
-def two_act_steps(encoder_type: str, batch: dict) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    """Losses and logits of two ACT steps of a freshly seeded tiny ETRM, and every parameter's gradient."""
-    from etrm.models import build_model
-    from etrm.models.losses import ACTLossHead
-
-    torch.manual_seed(0)
-    arch = ArchConfig(
-        hidden_size=32,
-        num_heads=2,
-        expansion=2.0,
-        L_layers=1,
-        H_cycles=1,
-        L_cycles=1,
-        halt_max_steps=2,
-        halt_exploration_prob=0.0,
-        puzzle_emb_len=4,
-        context_len=2,
-        encoder_type=encoder_type,
-        encoder_num_layers=1,
-        encoder_hidden_size=32,
-        encoder_num_heads=2,
-        encoder_latent_dim=8,
-        num_puzzle_identifiers=3,
-    )
-    head = ACTLossHead(build_model(arch)).train()
-    carry = head.initial_carry(batch)
-    results = []
-    for _ in range(2):
-        carry, loss, _, outputs, _ = head(carry, batch)
-        loss.backward()
-        results += [loss.detach(), outputs["logits"].detach()]
-    return results, {name: p.grad for name, p in head.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("encoder_type", ENCODER_TYPES)

@@ -76,6 +76,20 @@ def test_stablemax_cross_entropy_matches_scalar_formula():
     assert loss[0, 1].item() == 0.0
 
 
+def test_stablemax_gradient_is_finite_at_a_logit_of_exactly_one():
+    """bfloat16 logits hit 1.0 exactly; the unpicked 1/(1−x) branch must not turn 0·inf into NaN."""
+    logits = torch.tensor([[[1.0, -0.5, 2.0, 0.0]]], dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.tensor([[0]])
+    stablemax_cross_entropy(logits, labels).sum().backward()
+    # d/dx of −log(s0/Σs) by hand, s = (2, 2/3, 3, 1): ds/dx is 1 for x ≥ 0 and 1/(1−x)² below.
+    total = 2 + 2 / 3 + 3 + 1
+    ds = torch.tensor([1.0, 4 / 9, 1.0, 1.0], dtype=torch.float64)
+    expected = ds / total
+    expected[0] -= 1 / 2
+    assert torch.isfinite(logits.grad).all()
+    torch.testing.assert_close(logits.grad[0, 0].double(), expected, rtol=1e-2, atol=1e-3)
+
+
 def test_eval_runs_every_step_whatever_q_says():
     model = build_model(tiny_arch()).eval()
     with torch.no_grad():

@@ -17,7 +17,9 @@ IGNORE_LABEL_ID = -100
 
 def log_stablemax(logits: torch.Tensor) -> torch.Tensor:
     """log of s(x)/Σs(x) over the last dim, s(x) = 1/(1−x) for x < 0 and x + 1 otherwise (no exp to overflow)."""
-    s = torch.where(logits < 0, 1.0 / (1.0 - logits), logits + 1.0)
+    # The 1/(1−x) branch sees only x ≤ 0: evaluated at x = 1 (common in bfloat16) it would be inf,
+    # and where() would send 0·inf = NaN back through the branch it did not pick.
+    s = torch.where(logits < 0, 1.0 / (1.0 - logits.clamp(max=0.0)), logits + 1.0)
     return torch.log(s / s.sum(dim=-1, keepdim=True))
 
 
