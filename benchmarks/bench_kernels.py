@@ -1,7 +1,7 @@
 """Fused-kernel speed: Triton vs torch eager vs torch.compile vs Liger-Kernel vs SDPA, forward and forward+backward.
 
     python benchmarks/bench_kernels.py [--batch 128] [--dtype bf16] [--lk 2000,8000,18000] [--ops all|none|a,b]
-                                       [--train-step SF2] [--no-record]
+                                       [--train-step SF2 [--data DIR]] [--no-record]
 
 Shapes are the model's: rows = batch × 916 tokens at hidden 512 and 1,536 (add_rms_norm,
 swiglu at TRM's inner size, rotary of q and k with 64-wide heads), and the set encoder's
@@ -11,8 +11,9 @@ for every provider) or TFLOP/s, and that as a fraction of the device's measured 
 copy_ for bandwidth, a large matmul for TFLOP/s). Rows are appended to RESULTS.md.
 
 `--train-step PRESET` also times one ACT step (forward + backward, no optimizer) of that preset's
-model on a synthetic batch of 10-demo episodes, with ETRM_KERNELS=torch, =triton, and the torch
-path under torch.compile (the issue's goal: SF2, bf16, batch 128).
+model on one training batch of `--data DIR` (a built dataset; without it, 10 random demos of
+3..30 a side), with ETRM_KERNELS=torch, =triton, and the torch path under torch.compile (the
+issue's goal: SF2, bf16, batch 128).
 
 Without a GPU the script runs every Triton kernel in Triton's CPU interpreter at tiny shapes,
 checks output and gradients against a float64 reference, and times nothing.
@@ -77,8 +78,7 @@ def liger_providers() -> dict[str, Callable]:
     def rotary_qk(cos, sin):
         # Liger wants heads before positions; the tensors are made in that layout for it.
         def rotate(q, k):
-            q_rot, k_rot = liger_rotary_pos_emb(q, k, cos[None], sin[None])
-            return q_rot + k_rot
+            return tuple(liger_rotary_pos_emb(q, k, cos[None], sin[None]))
 
         return rotate
 
@@ -138,7 +138,8 @@ def swiglu_cases(batch: int, dtype: torch.dtype, device: str, liger: dict) -> li
 
 
 def rotate_q_and_k(rotary: Callable, cos: torch.Tensor, sin: torch.Tensor) -> Callable:
-    return lambda q, k: rotary(q, cos, sin) + rotary(k, cos, sin)
+    """Both rotated tensors are returned (and both get a gradient), so no provider does extra work."""
+    return lambda q, k: (rotary(q, cos, sin), rotary(k, cos, sin))
 
 
 def rotary_cases(batch: int, dtype: torch.dtype, device: str, liger: dict) -> list[Case]:
@@ -244,7 +245,21 @@ def report(row: dict) -> dict:
     return row
 
 
-def run_train_step(preset: str, batch_size: int, device: str) -> list[dict]:
+def arc_episodes(data: str, batch: int, max_demos: int, device: str) -> tuple[dict[str, torch.Tensor], str]:
+    """One training batch of a built dataset (e.g. ARC-AGI-1), as the training loop would draw it."""
+    from etrm.data.episodes import EpisodeSampler
+    from etrm.train.loop import open_dataset
+
+    dataset = open_dataset(data)
+    sampler = EpisodeSampler(
+        dataset.split("train"), batch_size=batch, mode="train", max_demos=max_demos, seed=0
+    )
+    episodes = {k: v.to(device) for k, v in next(iter(sampler)).items()}
+    demos = episodes["demo_mask"].sum().item() / batch
+    return episodes, f"{demos:.1f} demos/episode from {data}"
+
+
+def run_train_step(preset: str, batch_size: int, device: str, data: str | None = None) -> list[dict]:
     """One ACT step, forward + backward, of the preset's model: torch path, Triton path, torch path compiled."""
     from triton.testing import do_bench
 
@@ -252,12 +267,16 @@ def run_train_step(preset: str, batch_size: int, device: str) -> list[dict]:
     from etrm.models import build_model
     from etrm.models.losses import ACTLossHead
 
-    arch = get_preset(preset).arch
-    batch = synthetic_episodes(batch_size, 10, device)
+    cfg = get_preset(preset)
+    arch = cfg.arch
+    if data:
+        batch, source = arc_episodes(data, batch_size, cfg.data.max_demos, device)
+    else:
+        batch, source = synthetic_episodes(batch_size, 10, device), "10 random demos of 3..30 a side"
     torch.manual_seed(0)
     head = ACTLossHead(build_model(arch)).to(device).train()
     params = list(head.parameters())
-    size = f"{preset} batch {batch_size}, hidden {arch.hidden_size}, 10 demos"
+    size = f"{preset} batch {batch_size}, hidden {arch.hidden_size}, {source}"
     rows = []
     previous_mode = os.environ.get("ETRM_KERNELS")
     for provider, mode, step_fn in (
@@ -328,10 +347,12 @@ def time_case(case: Case, provider: str, backward: bool) -> float:
         with torch.no_grad():
             return do_bench(lambda: fn(*inputs), quantiles=[0.5])
     leaves = [t.detach().requires_grad_() for t in inputs]
-    grad = torch.randn_like(fn(*leaves))
+    outputs = fn(*leaves)
+    grads = [torch.randn_like(out) for out in (outputs if isinstance(outputs, tuple) else (outputs,))]
 
     def step():
-        fn(*leaves).backward(grad)
+        result = fn(*leaves)
+        torch.autograd.backward(result if isinstance(result, tuple) else (result,), grads)
 
     return do_bench(step, grad_to_none=leaves, quantiles=[0.5])
 
@@ -472,6 +493,9 @@ def main() -> None:
     parser.add_argument(
         "--train-step", metavar="PRESET", help="also time one ACT step of this preset (e.g. SF2)"
     )
+    parser.add_argument(
+        "--data", help="dataset folder whose training episodes feed --train-step (default: random grids)"
+    )
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -480,7 +504,7 @@ def main() -> None:
     if torch.cuda.is_available():
         rows = run_gpu(args, dtype)
         if args.train_step:
-            rows += run_train_step(args.train_step, args.batch, "cuda")
+            rows += run_train_step(args.train_step, args.batch, "cuda", args.data)
         title = f"bench_kernels on {machine()} ({args.dtype})"
     else:
         rows = run_cpu_check()

@@ -26,13 +26,14 @@ step "kernel correctness on the GPU"
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")  # parallel Triton compiles
 timeout "${T_TESTS:-110}" python3 -m pytest -q -p no:cacheprovider $workers tests/test_kernels_cuda.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
 
-step "SF2 training step, bf16"
-timeout "${T_STEP:-170}" python3 benchmarks/bench_kernels.py --ops none --train-step SF2 2>&1 | tee "$OUT/train_step.log" | tail -12
+step "SF2 training step, bf16, on ARC-AGI-1 training episodes"
+python3 -m etrm data build --out /tmp/etrm-data >/dev/null
+timeout "${T_STEP:-200}" python3 benchmarks/bench_kernels.py --ops none --train-step SF2 --batch "${STEP_BATCH:-128}" \
+    --data /tmp/etrm-data 2>&1 | tee "$OUT/train_step.log" | grep "^train step"
 
 step "workflow on CUDA"
-rm -rf /tmp/etrm-data /tmp/etrm-run
+rm -rf /tmp/etrm-run
 timeout "${T_FLOW:-90}" bash -ec '
-    python3 -m etrm data build --out /tmp/etrm-data
     python3 -m etrm train --preset SF2 --set data.path=/tmp/etrm-data --set train.max_steps=30 \
         --set logging.log_interval=10 --wandb disabled --out /tmp/etrm-run
     tail -n 1 /tmp/etrm-run/metrics.jsonl
@@ -41,7 +42,7 @@ timeout "${T_FLOW:-90}" bash -ec '
 ' 2>&1 | tee "$OUT/workflow.log" | tail -30
 
 step "fused ops"
-timeout "${T_OPS:-180}" python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/ops.log" | tail -45
+timeout "${T_OPS:-180}" python3 benchmarks/bench_kernels.py --ops "${OPS:-all}" 2>&1 | tee "$OUT/ops.log" | tail -45
 
 cp benchmarks/RESULTS.md "$OUT/" 2>/dev/null
 step "done"

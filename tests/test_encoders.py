@@ -133,6 +133,37 @@ def test_context_of_a_row_does_not_depend_on_the_other_rows(encoder_type, demos)
 
 
 @pytest.mark.parametrize("encoder_type", ENCODER_TYPES)
+def test_grouping_demos_by_length_changes_cost_not_result(encoder_type, demos):
+    """Encoding demos in length groups (each cut at its own longest) equals one padded batch, gradients too."""
+    rng = np.random.default_rng(2)
+    rows = [
+        [random_pair(rng, 30, 30), random_pair(rng, 2, 3)],
+        demos,
+        [random_pair(rng, 9, 11), random_pair(rng, 1, 1), random_pair(rng, 6, 5)],
+        demos[:1],
+    ]
+    batch = make_batch(rows, 3)
+    results = {}
+    for groups in (1, 3, 4):
+        encoder = fresh_encoder(encoder_type)
+        encoder.grid_encoder.length_groups = groups
+        torch.manual_seed(9)  # the variational encoders sample in training mode
+        context, kl = encoder.train()(batch)
+        loss = context.square().sum() + (kl.sum() if kl is not None else 0)
+        loss.backward()
+        results[groups] = (
+            context.detach(),
+            {n: p.grad for n, p in encoder.named_parameters() if p.grad is not None},
+        )
+    context, grads = results[1]
+    for groups in (3, 4):
+        torch.testing.assert_close(results[groups][0], context, rtol=1e-5, atol=1e-6)
+        assert results[groups][1].keys() == grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(results[groups][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("encoder_type", ENCODER_TYPES)
 def test_single_demo_and_demo_less_rows_are_finite_with_zero_context(encoder_type, demos):
     encoder = fresh_encoder(encoder_type).train()
     batch = make_batch([demos[:1], [], demos], slots=3, garbage_in_empty=True)

@@ -228,7 +228,7 @@ def compile_for_hopper() -> list[str]:
     from etrm.kernels.triton_utils import row_tile
 
     float_args = {"eps", "scale", "scale_log2"}
-    float32_pointers = {"rstd_ptr", "cos_ptr", "sin_ptr", "lse_ptr", "delta_ptr"}
+    float32_pointers = {"rstd_ptr", "cos_ptr", "sin_ptr", "lse_ptr", "delta_ptr", "dq_part_ptr"}
 
     def build(kernel, data_type: str, constants: dict, num_warps: int, num_stages: int = 3) -> str:
         signature = {}
@@ -271,6 +271,7 @@ def compile_for_hopper() -> list[str]:
             cross_attention_triton._attn_fwd,
             cross_attention_triton._attn_bwd_dkdv,
             cross_attention_triton._attn_bwd_dq,
+            cross_attention_triton._attn_bwd_fused,
         ):
             built.append(build(kernel, data_type, constants, **launch))
     return built
@@ -281,7 +282,7 @@ def test_kernels_compile_for_hopper():
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert len(result.stdout.split()) == 12, result.stdout
+    assert len(result.stdout.split()) == 14, result.stdout
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 q [B, H, Lq, D]; k, v [B, H, Lk, D]; key_mask [B, Lk] (True = attend). Forward streams the
 keys with an online softmax in base 2 (scale·log2(e) folded into the scores) and saves only
-the per-row log-sum-exp. Backward recomputes the probabilities: one pass over key blocks
-gives dK and dV (looping over the few query blocks), one pass over query blocks gives dQ
-(looping over the keys), so no atomics and deterministic results. A query row whose keys
+the per-row log-sum-exp. Backward recomputes the probabilities. When all query rows fit one
+block (the encoder's 16 context slots), one pass over the keys gives dK, dV and per-chunk dQ
+terms that are summed after (K and V read once). Otherwise one pass over key blocks gives dK
+and dV (looping over the query blocks) and one pass over query blocks gives dQ. No atomics:
+results are deterministic. A query row whose keys
 are all masked has l = 0: its output, and every gradient through it, is exactly zero.
 """
 
@@ -162,6 +164,58 @@ def _attn_bwd_dq(
     tl.store(dq_ptrs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_ok[:, None])
 
 
+@triton.jit
+def _attn_bwd_fused(
+    q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_part_ptr,
+    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sdo_b, sdo_h, sdo_l, s_mask_b,
+    n_heads, q_len, k_len, scale_log2, scale, keys_per_program, n_chunks,
+    HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """All query rows (q_len ≤ BLOCK_Q) against one chunk of keys: dK, dV of the chunk and its share of dQ.
+
+    K and V are read once for the whole backward; the chunk's dQ term goes to a float32 buffer
+    [B·H, n_chunks, Lq, D] that the launcher sums (a few chunks per head: small next to K and V).
+    """
+    bh = tl.program_id(1).to(tl.int64)
+    chunk = tl.program_id(0)
+    b, h = bh // n_heads, bh % n_heads
+    offs_q = tl.arange(0, BLOCK_Q)
+    q_ok = offs_q < q_len
+    q = _load_rows(q_ptr + b * sq_b + h * sq_h, offs_q, sq_l, q_ok, HEAD_DIM, UPCAST)
+    do = _load_rows(do_ptr + b * sdo_b + h * sdo_h, offs_q, sdo_l, q_ok, HEAD_DIM, UPCAST)
+    lse = tl.load(lse_ptr + bh * q_len + offs_q, mask=q_ok, other=0.0)
+    delta = tl.load(delta_ptr + bh * q_len + offs_q, mask=q_ok, other=0.0)
+    k_base, v_base, mask_row = (
+        k_ptr + b * sk_b + h * sk_h,
+        v_ptr + b * sv_b + h * sv_h,
+        mask_ptr + b * s_mask_b,
+    )
+
+    dq = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
+    chunk_start = chunk * keys_per_program
+    chunk_end = tl.minimum(chunk_start + keys_per_program, k_len)
+    for start in range(chunk_start, chunk_end, BLOCK_K):
+        offs_k = start + tl.arange(0, BLOCK_K)
+        k_ok = _attended_keys(mask_row, offs_k, chunk_end, HAS_MASK)
+        k = _load_rows(k_base, offs_k, sk_l, k_ok, HEAD_DIM, UPCAST)
+        v = _load_rows(v_base, offs_k, sv_l, k_ok, HEAD_DIM, UPCAST)
+        scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
+        p_t = tl.where(k_ok[:, None] & q_ok[None, :], tl.exp2(scores_t - lse[None, :]), 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        dq += tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=DOT_PRECISION)
+        offsets = bh * k_len * HEAD_DIM + offs_k[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+        in_range = (offs_k < chunk_end)[:, None]
+        tl.store(dk_ptr + offsets, (dk * scale).to(dk_ptr.dtype.element_ty), mask=in_range)
+        tl.store(dv_ptr + offsets, dv.to(dv_ptr.dtype.element_ty), mask=in_range)
+
+    part = dq_part_ptr + ((bh * n_chunks + chunk) * q_len + offs_q[:, None]) * HEAD_DIM
+    tl.store(part + tl.arange(0, HEAD_DIM)[None, :], dq * scale, mask=q_ok[:, None])
+
+
 def _config(head_dim: int, dtype: torch.dtype) -> dict:
     """One pinned tile per head size and dtype (no autotuning: the interpreter cannot, and Lq is always small).
 
@@ -175,6 +229,21 @@ def _config(head_dim: int, dtype: torch.dtype) -> dict:
     else:
         block_k = 32 if head_dim == 128 and dtype == torch.float32 else 64
     return {"BLOCK_Q": 16, "BLOCK_K": block_k, "HEAD_DIM": head_dim, "num_warps": 4, "num_stages": 2}
+
+
+def _key_chunks(heads_total: int, k_len: int, block_k: int, device: torch.device) -> tuple[int, int]:
+    """(keys per program, programs per head) for the fused backward: enough programs to fill the GPU.
+
+    About four programs per multiprocessor over all heads; each chunk a whole number of key blocks.
+    The interpreter gets up to three chunks so that the dQ reduction over chunks is exercised.
+    """
+    blocks = triton.cdiv(k_len, block_k)
+    if interpreting():
+        wanted = 3
+    else:
+        wanted = triton.cdiv(4 * torch.cuda.get_device_properties(device).multi_processor_count, heads_total)
+    per_program = triton.cdiv(blocks, max(1, min(wanted, blocks))) * block_k
+    return per_program, triton.cdiv(k_len, per_program)
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -279,6 +348,16 @@ def cross_attention_backward(dout, q, k, v, key_mask, out, lse):
         head_dim**-0.5 * math.log2(math.e),
         head_dim**-0.5,
     )
+    if q_len <= options["BLOCK_Q"]:
+        # One pass over the keys: dK, dV and per-chunk dQ terms, summed here.
+        keys_per_program, n_chunks = _key_chunks(batch * n_heads, k_len, options["BLOCK_K"], q.device)
+        dq_parts = torch.empty(
+            (batch * n_heads, n_chunks, q_len, head_dim), dtype=torch.float32, device=q.device
+        )
+        _attn_bwd_fused[(n_chunks, batch * n_heads)](
+            q, k, v, mask, dout, lse, delta, dk, dv, dq_parts, *common, keys_per_program, n_chunks, **options
+        )
+        return dq_parts.sum(1).view(q.shape).to(q.dtype), dk, dv
     _attn_bwd_dkdv[(triton.cdiv(k_len, options["BLOCK_K"]), batch * n_heads)](
         q, k, v, mask, dout, lse, delta, dk, dv, *common, **options
     )

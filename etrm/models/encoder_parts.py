@@ -19,6 +19,7 @@ from etrm import kernels
 from etrm.data.encoding import CANVAS, PAD_TOKEN, SEQ_LEN
 from etrm.models.layers import CastedEmbedding, CastedLinear, PostNormBlock, SwiGLU, trunc_normal_init_
 
+LENGTH_GROUPS = 8  # demos of a batch are encoded in this many groups of similar length
 LOGVAR_LIMIT = 10.0  # keeps exp(log σ²) finite in any dtype; far outside any useful posterior
 
 
@@ -46,6 +47,7 @@ class DemoGridEncoder(nn.Module):
         self.layers = nn.ModuleList(
             PostNormBlock(width, num_heads, expansion, eps) for _ in range(num_layers)
         )
+        self.length_groups = LENGTH_GROUPS
 
     def forward(self, inputs: torch.Tensor, outputs: torch.Tensor):
         """inputs, outputs [N, 900] tokens → states [N, S, width] (position 0 = summary), attend [N, S] bool."""
@@ -65,10 +67,32 @@ class DemoGridEncoder(nn.Module):
         summary = self.summary_token.expand(tokens.shape[0], 1, -1)
         h = torch.cat((summary, embedded), dim=1) * self.embed_scale
         attend = F.pad(is_cell.gather(1, where), (1, 0), value=True)
-        key_mask = attend[:, None, None, :]
-        for layer in self.layers:
-            h = layer(h, attn_mask=key_mask)
-        return h, attend
+        return self._encode_by_length(h, attend, is_cell.sum(dim=1)), attend
+
+    def _encode_by_length(self, h: torch.Tensor, attend: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """Run the layers on demos grouped by length, each group cut at its own longest demo.
+
+        Attention never reads a masked position, so a demo's states do not depend on how far its
+        sequence is padded: grouping changes the cost (ARC demos run from a few cells to 1,800;
+        one 30×30 pair would otherwise pad every demo of the batch to 1,801 tokens), not the result.
+        Positions past a demo's cells come back as zeros.
+        """
+        groups = min(self.length_groups, h.shape[0])
+        if groups <= 1:
+            for layer in self.layers:
+                h = layer(h, attn_mask=attend[:, None, None, :])
+            return h
+        order = torch.argsort(cells, stable=True)
+        chunks = order.chunk(groups)
+        ends = torch.cumsum(torch.tensor([len(c) for c in chunks]), 0) - 1
+        group_lengths = (cells[order][ends.to(cells.device)] + 1).tolist()  # one sync for all groups
+        encoded = []
+        for chunk, length in zip(chunks, group_lengths, strict=True):
+            hg, mask = h[chunk, :length], attend[chunk, :length]
+            for layer in self.layers:
+                hg = layer(hg, attn_mask=mask[:, None, None, :])
+            encoded.append(F.pad(hg, (0, 0, 0, h.shape[1] - length)))
+        return torch.cat(encoded)[torch.argsort(order)]
 
 
 class CrossAttentionPool(nn.Module):
