@@ -104,7 +104,7 @@ def test_dispatch_auto_uses_triton_on_cuda(monkeypatch):
 
     gate, up = torch.randn(4, 8, device=CUDA, requires_grad=True), torch.randn(4, 8, device=CUDA)
     monkeypatch.setenv("ETRM_KERNELS", "auto")
-    assert type(kernels.swiglu(gate, up).grad_fn).__name__ == "SwiGLUFunctionBackward"
+    assert "etrm_swiglu" in type(kernels.swiglu(gate, up).grad_fn).__name__
     monkeypatch.setenv("ETRM_KERNELS", "torch")
     assert type(kernels.swiglu(gate, up).grad_fn).__name__ == "MulBackward0"
 

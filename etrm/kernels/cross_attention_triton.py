@@ -250,6 +250,11 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def unit_last_stride(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The kernels index rows by stride and columns by position: each tensor with a unit last stride."""
+    return tuple(_unit_last_stride(t) for t in tensors)
+
+
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -365,23 +370,3 @@ def cross_attention_backward(dout, q, k, v, key_mask, out, lse):
         q, k, v, mask, dout, lse, delta, dq, *common, **options
     )
     return dq, dk, dv
-
-
-class CrossAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, key_mask):
-        check_shapes(q, k, v, key_mask)
-        q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
-        out, lse = cross_attention_forward(q, k, v, key_mask)
-        ctx.save_for_backward(q, k, v, key_mask, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, key_mask, out, lse = ctx.saved_tensors
-        dq, dk, dv = cross_attention_backward(dout, q, k, v, key_mask, out, lse)
-        return dq, dk, dv, None
-
-
-def cross_attention(q, k, v, key_mask=None):
-    return CrossAttentionFunction.apply(q, k, v, key_mask)

@@ -119,22 +119,3 @@ def add_rms_norm_backward(dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor)
         num_warps=num_warps,
     )
     return dh.view(y.shape)
-
-
-class AddRMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, residual: torch.Tensor, eps: float) -> torch.Tensor:
-        y, rstd = add_rms_norm_forward(x, residual, eps)
-        ctx.save_for_backward(y, rstd)
-        ctx.residual_dtype = residual.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        y, rstd = ctx.saved_tensors
-        dh = add_rms_norm_backward(dy, y, rstd)
-        return dh, dh.to(ctx.residual_dtype), None
-
-
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, eps: float) -> torch.Tensor:
-    return AddRMSNormFunction.apply(x, residual, eps)

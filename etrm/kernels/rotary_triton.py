@@ -55,15 +55,20 @@ def _rotary(
     tl.store(out_lo_ptrs + half, out_hi.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rotary_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
-    """Rotates x (or, with backward=True, applies the transpose of the rotation to a gradient)."""
+def check_shapes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     if x.dim() != 4 or x.shape[-1] % 2:
         raise ValueError(f"apply_rotary: x must be [B, S, H, D] with even D, got {tuple(x.shape)}")
-    batch, seq_len, n_heads, head_dim = x.shape
+    _, seq_len, _, head_dim = x.shape
     if cos.shape != (seq_len, head_dim) or sin.shape != (seq_len, head_dim):
         raise ValueError(
             f"apply_rotary: cos/sin must be [{seq_len}, {head_dim}], got {tuple(cos.shape)} / {tuple(sin.shape)}"
         )
+
+
+def rotary_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    """Rotates x (or, with backward=True, applies the transpose of the rotation to a gradient)."""
+    check_shapes(x, cos, sin)
+    batch, seq_len, n_heads, head_dim = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
@@ -89,21 +94,3 @@ def rotary_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backwar
         num_warps=num_warps,
     )
     return out
-
-
-class RotaryFunction(torch.autograd.Function):
-    """cos/sin are fixed tables (buffers): they get no gradient."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(cos, sin)
-        return rotary_launch(x, cos, sin, backward=False)
-
-    @staticmethod
-    def backward(ctx, dout: torch.Tensor):
-        cos, sin = ctx.saved_tensors
-        return rotary_launch(dout, cos, sin, backward=True), None, None
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return RotaryFunction.apply(x, cos, sin)

@@ -128,19 +128,3 @@ def swiglu_backward(
         num_warps=num_warps,
     )
     return dgate.view(gate.shape), dup.view(up.shape)
-
-
-class SwiGLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(gate, up)
-        return swiglu_forward(gate, up)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        gate, up = ctx.saved_tensors
-        return swiglu_backward(dy, gate, up)
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return SwiGLUFunction.apply(gate, up)
