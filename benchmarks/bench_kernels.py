@@ -12,8 +12,8 @@ copy_ for bandwidth, a large matmul for TFLOP/s). Rows are appended to RESULTS.m
 
 `--train-step PRESET` also times one ACT step (forward + backward, no optimizer) of that preset's
 model on one training batch of `--data DIR` (a built dataset; without it, 10 random demos of
-3..30 a side), with ETRM_KERNELS=torch, =triton, and the torch path under torch.compile (the
-issue's goal: SF2, bf16, batch 128).
+3..30 a side), with ETRM_KERNELS=torch, =triton, the torch path under torch.compile (the issue's goal:
+SF2, bf16, batch 128), and the Triton path under torch.compile (`train.compile=inductor`).
 
 Without a GPU the script runs every Triton kernel in Triton's CPU interpreter at tiny shapes,
 checks output and gradients against a float64 reference, and times nothing.
@@ -260,7 +260,8 @@ def arc_episodes(data: str, batch: int, max_demos: int, device: str) -> tuple[di
 
 
 def run_train_step(preset: str, batch_size: int, device: str, data: str | None = None) -> list[dict]:
-    """One ACT step, forward + backward, of the preset's model: torch path, Triton path, torch path compiled."""
+    """One ACT step, forward + backward, of the preset's model: torch and Triton paths, eager and compiled."""
+    import torch._dynamo
     from triton.testing import do_bench
 
     from etrm.config import get_preset
@@ -283,8 +284,10 @@ def run_train_step(preset: str, batch_size: int, device: str, data: str | None =
         ("torch", "torch", head),
         ("triton", "triton", head),
         ("torch.compile", "torch", torch.compile(head)),
+        ("triton + torch.compile", "triton", torch.compile(head)),  # what train.compile=inductor runs on CUDA
     ):
         os.environ["ETRM_KERNELS"] = mode
+        torch._dynamo.reset()  # the kernel choice is a trace-time constant: no graph may carry over
 
         def step(step_fn=step_fn):
             _, loss, *_ = step_fn(head.initial_carry(batch), batch)

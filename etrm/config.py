@@ -88,6 +88,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     init_from: str = ""  # a TRM checkpoint for the decoder ("pretrained decoder")
     seed: int = 0
+    # torch.compile the training step: off, or a torch.compile backend ("inductor" is its default; the
+    # Triton kernels are custom ops it calls as they are and fuses the code around).
+    compile: str = "off"
 
 
 @dataclass
@@ -230,6 +233,7 @@ def validate_config(cfg: RunConfig) -> None:
         (t.eval_interval >= 0, "train.eval_interval", "0 (off) or a number of epochs"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints", "at least 1"),
         (cfg.logging.log_interval >= 1, "logging.log_interval", "at least 1"),
+        (t.compile.strip() != "", "train.compile", "off or a torch.compile backend (inductor)"),
     ]
     for ok, key, expected in checks:
         if not ok:

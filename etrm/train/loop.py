@@ -185,6 +185,7 @@ class Trainer:
             self.prefix_rms = _init_decoder_from_trm(self.model, t.init_from, ctx)
         broadcast_parameters_(self.model, ctx)
         self.loss_head = ACTLossHead(self.model)
+        self.step_fn = _compiled(self.loss_head, t.compile)
         self.optimizer = build_optimizer(self.model, t)
         self.dense_params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.encoder_param_ids = {id(p) for p in self.model.encoder.parameters()}
@@ -393,7 +394,7 @@ class Trainer:
         batch = self._next_batch()
         if self.carry is None:
             self.carry = self.loss_head.initial_carry(batch)
-        self.carry, loss, metrics, outputs, _ = self.loss_head(self.carry, batch)
+        self.carry, loss, metrics, outputs, _ = self.step_fn(self.carry, batch)
         (loss / t.global_batch_size).backward()
 
         # Sum over ranks: gradients (dense and the puzzle-id rows) and this step's statistics.
@@ -578,6 +579,20 @@ class _TrainGroupsView:
 
     def __getattr__(self, name: str):
         return getattr(self._dataset, name)
+
+
+def _compiled(loss_head: nn.Module, backend: str):
+    """The training step as called: the loss head itself, or torch.compile of it with `backend`."""
+    if backend == "off":
+        return loss_head
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise EtrmError(
+            f"train.compile={backend!r} is not off or a torch.compile backend ({', '.join(known)})"
+        )
+    return torch.compile(loss_head, backend=backend)
 
 
 def open_dataset(path: str):
