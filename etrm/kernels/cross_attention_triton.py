@@ -127,6 +127,19 @@ def _attn_bwd_dkdv(
 
 
 @triton.jit
+def _query_rows(
+    q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, bh, offs_q, q_ok, q_len,
+    sq_b, sq_h, sq_l, sdo_b, sdo_h, sdo_l, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """What the backward needs of a block of query rows: q, dO, log2-sum-exp and delta = rowsum(dO·O)."""
+    q = _load_rows(q_ptr + b * sq_b + h * sq_h, offs_q, sq_l, q_ok, HEAD_DIM, UPCAST)
+    do = _load_rows(do_ptr + b * sdo_b + h * sdo_h, offs_q, sdo_l, q_ok, HEAD_DIM, UPCAST)
+    lse = tl.load(lse_ptr + bh * q_len + offs_q, mask=q_ok, other=0.0)
+    delta = tl.load(delta_ptr + bh * q_len + offs_q, mask=q_ok, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
 def _attn_bwd_dq(
     q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sdo_b, sdo_h, sdo_l, s_mask_b,
@@ -138,10 +151,10 @@ def _attn_bwd_dq(
     b, h = bh // n_heads, bh % n_heads
     offs_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_ok = offs_q < q_len
-    q = _load_rows(q_ptr + b * sq_b + h * sq_h, offs_q, sq_l, q_ok, HEAD_DIM, UPCAST)
-    do = _load_rows(do_ptr + b * sdo_b + h * sdo_h, offs_q, sdo_l, q_ok, HEAD_DIM, UPCAST)
-    lse = tl.load(lse_ptr + bh * q_len + offs_q, mask=q_ok, other=0.0)
-    delta = tl.load(delta_ptr + bh * q_len + offs_q, mask=q_ok, other=0.0)
+    q, do, lse, delta = _query_rows(
+        q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, bh, offs_q, q_ok, q_len,
+        sq_b, sq_h, sq_l, sdo_b, sdo_h, sdo_l, HEAD_DIM, UPCAST,
+    )  # fmt: skip
     k_base, v_base, mask_row = (
         k_ptr + b * sk_b + h * sk_h,
         v_ptr + b * sv_b + h * sv_h,
@@ -182,10 +195,10 @@ def _attn_bwd_fused(
     b, h = bh // n_heads, bh % n_heads
     offs_q = tl.arange(0, BLOCK_Q)
     q_ok = offs_q < q_len
-    q = _load_rows(q_ptr + b * sq_b + h * sq_h, offs_q, sq_l, q_ok, HEAD_DIM, UPCAST)
-    do = _load_rows(do_ptr + b * sdo_b + h * sdo_h, offs_q, sdo_l, q_ok, HEAD_DIM, UPCAST)
-    lse = tl.load(lse_ptr + bh * q_len + offs_q, mask=q_ok, other=0.0)
-    delta = tl.load(delta_ptr + bh * q_len + offs_q, mask=q_ok, other=0.0)
+    q, do, lse, delta = _query_rows(
+        q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, bh, offs_q, q_ok, q_len,
+        sq_b, sq_h, sq_l, sdo_b, sdo_h, sdo_l, HEAD_DIM, UPCAST,
+    )  # fmt: skip
     k_base, v_base, mask_row = (
         k_ptr + b * sk_b + h * sk_h,
         v_ptr + b * sv_b + h * sv_h,
