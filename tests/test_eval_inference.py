@@ -14,6 +14,7 @@ from etrm.config import ArchConfig, RunConfig
 from etrm.data.build import BuildOptions, build_dataset
 from etrm.data.dataset import ArcDataset
 from etrm.data.encoding import IGNORE_LABEL_ID, PAD_TOKEN, encode_grid
+from etrm.errors import EtrmError
 from etrm.eval import evaluate
 from etrm.eval.predictions import Predictions
 from etrm.models import build_model
@@ -195,3 +196,46 @@ def test_cli_evaluates_a_checkpoint_and_writes_the_eval_folder(dataset, tmp_path
     assert metrics == expected.metrics
     submission = json.loads((folder / "submission.json").read_text())
     assert sorted(submission) == sorted(TEST_TASKS) and len(submission["6ea4a07e"]) == 2
+
+
+def test_task_subset_scores_those_puzzles_as_the_full_run_does(dataset):
+    """--task runs the model on the named puzzles only: their results equal the full run's, in any batch."""
+    full = evaluate(ScriptedModel(fixed_grid), dataset, batch_size=5, progress=False)
+    oracle_full = evaluate(ScriptedModel(oracle), dataset, batch_size=5, progress=False).results_json()
+    chosen = ["66e6c45b", "6ea4a07e"]
+    part = evaluate(ScriptedModel(oracle), dataset, batch_size=3, progress=False, task_ids=chosen)
+    puzzles = part.results_json()["puzzles"]
+    assert sorted(puzzles) == sorted(chosen)
+    assert all(puzzles[t] == oracle_full["puzzles"][t] for t in chosen)
+    assert part.metrics["num_puzzles"] == 2 and part.metrics["num_queries"] == 3
+    assert full.metrics["num_puzzles"] == 4
+    with pytest.raises(EtrmError, match="6ea4a07f.*did you mean '6ea4a07e'"):
+        evaluate(ScriptedModel(oracle), dataset, progress=False, task_ids=["6ea4a07f"])
+
+
+def test_cli_task_on_a_checkpoint_prints_and_writes_nothing_by_default(dataset, tmp_path, capsys):
+    from etrm.cli import main
+    from etrm.train.checkpoint import save_checkpoint
+
+    cfg = RunConfig(arch=tiny_arch())
+    cfg.data.path = str(dataset.path)
+    save_checkpoint(tmp_path / "run", 5, build_model(cfg.arch).state_dict(), None, cfg, {"step": 5}, keep=1)
+    main(["eval", str(tmp_path / "run"), "--num-aug", "2", "--task", "31d5ba1a", "--json"])
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["num_puzzles"] == 1 and metrics["num_queries"] == 2
+    assert not (tmp_path / "run" / "eval").exists()  # the checkpoint's full evaluation is not replaced
+
+
+def test_split_subset_keeps_each_groups_pairs_and_augmentations(dataset):
+    split = dataset.split("test")
+    groups = [3, 0]
+    sub = split.subset(groups)
+    assert sub.puzzle_ids == [split.puzzle_ids[g] for g in groups]
+    for i, g in enumerate(groups):
+        assert sub.num_demos[i] == split.num_demos[g] and sub.num_augs(i) == split.num_augs(g)
+        for (a_in, a_out), (b_in, b_out) in zip(sub.pairs(i), split.pairs(g), strict=True):
+            assert np.array_equal(a_in, b_in) and np.array_equal(a_out, b_out)
+        for a in range(split.num_augs(g)):
+            (d1, c1), (d2, c2) = sub.augmentation(i, a), split.augmentation(g, a)
+            assert d1 == d2 and np.array_equal(c1, c2)
+            assert sub.puzzle_identifier(i, a) == split.puzzle_identifier(g, a)

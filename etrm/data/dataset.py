@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +91,31 @@ class Split:
 
     def group_index(self, task_id: str) -> int:
         if task_id not in self._index:
-            raise EtrmError(f"task {task_id!r} is not in the {self.name} split")
+            close = difflib.get_close_matches(task_id, self.puzzle_ids, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise EtrmError(f"task {task_id!r} is not in the {self.name} split{hint}")
         return self._index[task_id]
+
+    def subset(self, groups: Sequence[int]) -> Split:
+        """A Split of its own holding these groups (in this order), with their pairs and augmentations."""
+        groups = [int(g) for g in groups]
+        pair_rows = [np.arange(self.pair_offsets[g], self.pair_offsets[g + 1]) for g in groups]
+        aug_rows = [np.arange(self.aug_offsets[g], self.aug_offsets[g + 1]) for g in groups]
+        pairs = np.concatenate(pair_rows) if groups else np.zeros(0, dtype=np.int64)
+        augs = np.concatenate(aug_rows) if groups else np.zeros(0, dtype=np.int64)
+        grid_rows = np.stack([2 * pairs, 2 * pairs + 1], axis=1).reshape(-1)
+        arrays = {
+            "tokens": self.tokens[grid_rows],
+            "shapes": self.shapes[grid_rows],
+            "pair_offsets": np.concatenate([[0], np.cumsum([len(r) for r in pair_rows])]).astype(np.int64),
+            "num_demos": self.num_demos[groups],
+            "aug_offsets": np.concatenate([[0], np.cumsum([len(r) for r in aug_rows])]).astype(np.int64),
+            "aug_dihedral": self.aug_dihedral[augs],
+            "aug_colors": self.aug_colors[augs],
+            "puzzle_identifiers": self.puzzle_identifiers[augs],
+        }
+        puzzles = [{"id": self.puzzle_ids[g], "source": self.puzzle_sources[g]} for g in groups]
+        return Split(self.name, puzzles, arrays)
 
     def num_pairs(self, g: int) -> int:
         return int(self.pair_offsets[g + 1] - self.pair_offsets[g])

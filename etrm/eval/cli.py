@@ -33,13 +33,15 @@ def eval_command(
         True, "--ema/--no-ema", help="Use the EMA weights when the checkpoint has them."
     ),
     out: Path | None = typer.Option(
-        None, "--out", help="Output folder (default: RUN/eval/step-N; nothing written when re-voting)."
+        None,
+        "--out",
+        help="Output folder (default: RUN/eval/step-N; nothing written when re-voting or with --task).",
     ),
     from_predictions: Path | None = typer.Option(
         None, "--from-predictions", help="Re-vote a saved predictions.npz instead of running a model."
     ),
     tasks: list[str] | None = typer.Option(
-        None, "--task", help="Re-vote only this puzzle (repeatable; with --from-predictions)."
+        None, "--task", help="Only this puzzle (repeatable): run the model on it, or re-vote it."
     ),
     ks: list[int] | None = typer.Option(
         None, "--k", help="pass@k values (repeatable) (default: 1 2 5 10 100 1000)."
@@ -63,9 +65,7 @@ def eval_command(
     else:
         if run is None:
             raise EtrmError("missing RUN_OR_CHECKPOINT (or --from-predictions predictions.npz)")
-        if tasks:
-            raise EtrmError("--task selects puzzles when re-voting; use it with --from-predictions")
-        result, out = _run_model(run, data, split, vote, num_aug, batch_size, device, ema, out, ks)
+        result, out = _run_model(run, data, split, vote, num_aug, batch_size, device, ema, out, ks, tasks)
     if out is not None:
         result.write(out)
     _show(result, out, as_json)
@@ -77,7 +77,7 @@ def _revote(path: Path, num_aug: int, tasks: list[str] | None, ks: tuple[int, ..
     return EvalResult.from_predictions_file(path, num_aug=num_aug, task_ids=tasks, ks=ks)
 
 
-def _run_model(run, data, split, vote, num_aug, batch_size, device, ema, out, ks):
+def _run_model(run, data, split, vote, num_aug, batch_size, device, ema, out, ks, tasks=None):
     """(EvalResult, output folder) of a checkpoint on its (or the given) dataset."""
     import torch
 
@@ -106,7 +106,10 @@ def _run_model(run, data, split, vote, num_aug, batch_size, device, ema, out, ks
         vote=vote,
         step=step,
         ks=ks,
+        task_ids=tasks,
     )
+    if out is None and tasks:
+        return result, None  # a few puzzles' scores must not replace the checkpoint's full evaluation
     return result, out if out is not None else checkpoint.parent / "eval" / checkpoint.name
 
 

@@ -26,6 +26,7 @@ def evaluate(
     progress: bool = True,
     step: int | None = None,
     ks: Sequence[int] = KS,
+    task_ids: Sequence[str] | None = None,
 ) -> EvalResult:
     """Vote and score `model` on a split: first `num_aug` augmentations (0 = all); identity only without `vote`.
 
@@ -42,6 +43,7 @@ def evaluate(
         max_demos=max_demos,
         progress=progress,
         step=step,
+        task_ids=task_ids,
     )
     return EvalResult(predictions, ks=ks)
 
@@ -57,8 +59,10 @@ def predict(
     max_demos: int = 10,
     progress: bool = True,
     step: int | None = None,
+    task_ids: Sequence[str] | None = None,
 ) -> Predictions:
-    """De-augmented predictions and q_halt logits for every (query, augmentation) of `split`."""
+    """De-augmented predictions and q_halt logits for every (query, augmentation) of `split`
+    (or of its puzzles `task_ids` alone)."""
     import torch
 
     from etrm.console import make_progress
@@ -69,6 +73,8 @@ def predict(
     if isinstance(dataset, (str, os.PathLike)):
         dataset = ArcDataset.open(dataset)
     data = dataset.split(split)
+    if task_ids:
+        data = data.subset([data.group_index(t) for t in dict.fromkeys(task_ids)])
     # Puzzles without queries (a TRM-split test puzzle's demos on the train side) have nothing to score.
     queries = {g: data.queries(g) for g in range(len(data.puzzle_ids))}
     groups = [g for g, pairs in queries.items() if pairs]

@@ -132,25 +132,9 @@ class Window:
 
 def first_groups(split, n: int):
     """The first `n` puzzle groups of a split, as a Split of its own (overfit presets train on 32 groups)."""
-    from etrm.data.dataset import Split
-
     if n <= 0 or n >= len(split.puzzle_ids):
         return split
-    pairs, augs = split.pair_offsets[n], split.aug_offsets[n]
-    puzzles = [
-        {"id": i, "source": s} for i, s in zip(split.puzzle_ids[:n], split.puzzle_sources[:n], strict=True)
-    ]
-    arrays = {
-        "tokens": split.tokens[: 2 * pairs],
-        "shapes": split.shapes[: 2 * pairs],
-        "pair_offsets": split.pair_offsets[: n + 1],
-        "num_demos": split.num_demos[:n],
-        "aug_offsets": split.aug_offsets[: n + 1],
-        "aug_dihedral": split.aug_dihedral[:augs],
-        "aug_colors": split.aug_colors[:augs],
-        "puzzle_identifiers": split.puzzle_identifiers[:augs],
-    }
-    return Split(split.name, puzzles, arrays)
+    return split.subset(range(n))
 
 
 class Trainer:
