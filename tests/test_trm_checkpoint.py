@@ -1,5 +1,6 @@
 """Reading reference TRM checkpoints: key mapping, arch inference, decoder init, and clear errors for bad files."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,32 @@ def test_bad_config_files_give_clear_errors(tmp_path):
     (tmp_path / "c.json").write_text("{not json")
     with pytest.raises(EtrmError, match="not valid JSON"):
         trm_arch_from_json(tmp_path / "c.json")
+
+
+def test_trm_all_config_yaml_gives_the_same_arch_as_json(tmp_path):
+    """TRM writes its whole run config as all_config.yaml; the dataset-derived keys are not in it."""
+    import yaml
+
+    reference = json.loads(CONFIG.read_text())["arch"]
+    from_dataset = {"batch_size", "seq_len", "vocab_size", "num_puzzle_identifiers"}
+    arch = {k: v for k, v in reference.items() if k not in from_dataset}
+    arch.update(
+        name="recursive_reasoning.trm@TinyRecursiveReasoningModel_ACTV1", loss={"name": "losses@ACTLossHead"}
+    )
+    run_config = {
+        "arch": arch,
+        "global_batch_size": 768,
+        "lr": 1e-4,
+        "data_paths": ["data/arc1concept-aug-1000"],
+    }
+    path = tmp_path / "all_config.yaml"
+    path.write_text(yaml.safe_dump(run_config))
+    got, expected = trm_arch_from_json(path), trm_arch_from_json(CONFIG)
+    for key in ArchConfig.__dataclass_fields__:
+        if key != "num_puzzle_identifiers":
+            assert getattr(got, key) == getattr(expected, key), key
+    model, _, _, report, _ = load_trm_model(CHECKPOINT, got)  # the table size comes from the checkpoint
+    assert model.arch.num_puzzle_identifiers == reference["num_puzzle_identifiers"]
+    (tmp_path / "bad.yml").write_text("arch: [unclosed")
+    with pytest.raises(EtrmError, match="not valid YAML"):
+        trm_arch_from_json(tmp_path / "bad.yml")

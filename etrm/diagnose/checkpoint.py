@@ -195,7 +195,9 @@ def checkpoint_command(
         ..., help="A reference TRM checkpoint (a step_N file, or its folder: the latest)."
     ),
     config: Path = typer.Option(
-        None, "--config", help="JSON with an 'arch' object (TRM's or ETRM's): heads, cycles, steps."
+        None,
+        "--config",
+        help="JSON or YAML (TRM's all_config.yaml) with an 'arch' section: heads, cycles, steps.",
     ),
     reference: Path = typer.Option(
         None, "--reference", help="Parity fixture .npz to replay and compare against."

@@ -104,16 +104,31 @@ def read_trm_checkpoint(path: str | Path) -> TrmCheckpoint:
 
 
 def trm_arch_from_json(path: str | Path) -> ArchConfig:
-    """ArchConfig from a JSON whose "arch" holds the reference's arch config (or ETRM's own arch section)."""
+    """ArchConfig from a config file whose "arch" holds the reference's arch config (or ETRM's own).
+
+    JSON, or YAML for a .yaml/.yml file: the `all_config.yaml` TRM's training writes beside its
+    checkpoints (the whole run config; only its `arch` section is read).
+    """
     path = Path(path)
+    is_yaml = path.suffix.lower() in (".yaml", ".yml")
     try:
-        arch = json.loads(path.read_text())["arch"]
+        text = path.read_text()
+        if is_yaml:
+            import yaml
+
+            arch = yaml.safe_load(text)["arch"]
+        else:
+            arch = json.loads(text)["arch"]
     except FileNotFoundError:
         raise EtrmError(f"config file {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EtrmError(f"config file {path} is not valid JSON: {e}") from None
     except (KeyError, TypeError):
         raise EtrmError(f"config file {path} has no 'arch' object") from None
+    except Exception as e:  # yaml.YAMLError, imported lazily
+        if is_yaml and type(e).__module__.startswith("yaml"):
+            raise EtrmError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise
     if not isinstance(arch, dict):
         raise EtrmError(f"config file {path}: 'arch' must be an object")
     if arch.get("pos_encodings", "rope") != "rope" or arch.get("mlp_t", False):
