@@ -259,13 +259,9 @@ def _key_chunks(heads_total: int, k_len: int, block_k: int, device: torch.device
     return per_program, triton.cdiv(k_len, per_program)
 
 
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def unit_last_stride(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The kernels index rows by stride and columns by position: each tensor with a unit last stride."""
-    return tuple(_unit_last_stride(t) for t in tensors)
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -345,7 +341,7 @@ def cross_attention_forward(q, k, v, key_mask):
 
 
 def cross_attention_backward(dout, q, k, v, key_mask, out, lse):
-    dout = _unit_last_stride(dout)
+    (dout,) = unit_last_stride(dout)
     batch, n_heads, q_len, head_dim = q.shape
     k_len = k.shape[2]
     delta = (dout.float() * out.float()).sum(-1)

@@ -65,7 +65,8 @@ _ops = None  # etrm.kernels.triton_ops once a call has chosen Triton (imported t
 
 def _load_triton_ops() -> bool:
     global _ops
-    _ops = importlib.import_module("etrm.kernels.triton_ops")
+    if _ops is None:
+        _ops = importlib.import_module("etrm.kernels.triton_ops")
     return True
 
 

@@ -53,7 +53,8 @@ class DemoGridEncoder(nn.Module):
         """inputs, outputs [N, 900] tokens → states [N, S, width] (position 0 = summary), attend [N, S] bool."""
         tokens = torch.cat((inputs, outputs), dim=1)
         is_cell = tokens != PAD_TOKEN
-        longest = max(int(is_cell.sum(dim=1).max().item()), 1)
+        order, group_lengths = self._length_groups(is_cell.sum(dim=1))
+        longest = max(group_lengths[-1] - 1, 1)  # the last group holds the longest demo
         # A demo's cells first (stable: in canvas order, reproducibly); `where` holds their canvas positions.
         where = torch.argsort((~is_cell).to(torch.uint8), dim=1, stable=True)[:, :longest]
         cells = tokens.gather(1, where)
@@ -67,9 +68,28 @@ class DemoGridEncoder(nn.Module):
         summary = self.summary_token.expand(tokens.shape[0], 1, -1)
         h = torch.cat((summary, embedded), dim=1) * self.embed_scale
         attend = F.pad(is_cell.gather(1, where), (1, 0), value=True)
-        return self._encode_by_length(h, attend, is_cell.sum(dim=1)), attend
+        if order is None:
+            for layer in self.layers:
+                h = layer(h, attn_mask=attend[:, None, None, :])
+            return h, attend
+        return self._encode_by_length(h, attend, order, group_lengths), attend
 
-    def _encode_by_length(self, h: torch.Tensor, attend: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    def _length_groups(self, cells: torch.Tensor) -> tuple[torch.Tensor | None, list[int]]:
+        """(demos sorted by cell count, or None for one group; each group's sequence length incl. summary).
+
+        The one host sync of the encoder: every group's length comes back in a single transfer.
+        """
+        groups = min(self.length_groups, cells.shape[0])
+        if groups <= 1:
+            return None, [int(cells.max().item()) + 1]
+        order = torch.argsort(cells, stable=True)
+        sizes = [len(chunk) for chunk in order.chunk(groups)]
+        last_of_group = torch.tensor(sizes, device=cells.device).cumsum(0) - 1
+        return order, (cells[order][last_of_group] + 1).tolist()
+
+    def _encode_by_length(
+        self, h: torch.Tensor, attend: torch.Tensor, order: torch.Tensor, group_lengths: list[int]
+    ) -> torch.Tensor:
         """Run the layers on demos grouped by length, each group cut at its own longest demo.
 
         Attention never reads a masked position, so a demo's states do not depend on how far its
@@ -77,17 +97,8 @@ class DemoGridEncoder(nn.Module):
         one 30×30 pair would otherwise pad every demo of the batch to 1,801 tokens), not the result.
         Positions past a demo's cells come back as zeros.
         """
-        groups = min(self.length_groups, h.shape[0])
-        if groups <= 1:
-            for layer in self.layers:
-                h = layer(h, attn_mask=attend[:, None, None, :])
-            return h
-        order = torch.argsort(cells, stable=True)
-        chunks = order.chunk(groups)
-        ends = torch.cumsum(torch.tensor([len(c) for c in chunks]), 0) - 1
-        group_lengths = (cells[order][ends.to(cells.device)] + 1).tolist()  # one sync for all groups
         encoded = []
-        for chunk, length in zip(chunks, group_lengths, strict=True):
+        for chunk, length in zip(order.chunk(len(group_lengths)), group_lengths, strict=True):
             hg, mask = h[chunk, :length], attend[chunk, :length]
             for layer in self.layers:
                 hg = layer(hg, attn_mask=mask[:, None, None, :])

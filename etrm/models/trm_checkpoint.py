@@ -110,25 +110,28 @@ def trm_arch_from_json(path: str | Path) -> ArchConfig:
     checkpoints (the whole run config; only its `arch` section is read).
     """
     path = Path(path)
-    is_yaml = path.suffix.lower() in (".yaml", ".yml")
     try:
         text = path.read_text()
-        if is_yaml:
-            import yaml
-
-            arch = yaml.safe_load(text)["arch"]
-        else:
-            arch = json.loads(text)["arch"]
     except FileNotFoundError:
         raise EtrmError(f"config file {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EtrmError(f"config file {path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise EtrmError(f"config file {path} is not text: {e}") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            config = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise EtrmError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    else:
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise EtrmError(f"config file {path} is not valid JSON: {e}") from None
+    try:
+        arch = config["arch"]
     except (KeyError, TypeError):
         raise EtrmError(f"config file {path} has no 'arch' object") from None
-    except Exception as e:  # yaml.YAMLError, imported lazily
-        if is_yaml and type(e).__module__.startswith("yaml"):
-            raise EtrmError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        raise
     if not isinstance(arch, dict):
         raise EtrmError(f"config file {path}: 'arch' must be an object")
     if arch.get("pos_encodings", "rope") != "rope" or arch.get("mlp_t", False):
