@@ -25,6 +25,7 @@ import argparse
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from results import append_table_rows, machine, utc_stamp  # benchmarks/results.py
@@ -263,7 +264,32 @@ def arc_episodes(data: str, batch: int, max_demos: int, device: str) -> tuple[di
     return episodes, f"{demos:.1f} demos/episode from {data}"
 
 
-def run_train_step(preset: str, batch_size: int, device: str, data: str | None = None) -> list[dict]:
+def profile_step(step: Callable, path: Path, steps: int = 3) -> None:
+    """Where one provider's step spends GPU time: the top kernels by self CUDA time, to `path` and stdout.
+
+    CPU time per step is printed too: at these sizes a path can be bound by its launches.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else lambda: None
+    step()
+    sync()
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=70)
+    path.write_text(table)
+    print(f"--- profile ({steps} steps) -> {path}", flush=True)
+    print("\n".join(table.splitlines()[:18]), flush=True)
+
+
+def run_train_step(
+    preset: str, batch_size: int, device: str, data: str | None = None, profile_dir: str | None = None
+) -> list[dict]:
     """One ACT step, forward + backward, of the preset's model: torch and Triton paths, eager and compiled."""
     import torch._dynamo
     from triton.testing import do_bench
@@ -314,6 +340,9 @@ def run_train_step(preset: str, batch_size: int, device: str, data: str | None =
             )
             continue
         value = f"{batch_size / ms * 1e3:.1f} samples/s"
+        if profile_dir:
+            name = provider.replace(" ", "").replace("+", "_").replace(".", "_")
+            profile_step(step, Path(profile_dir) / f"profile_{name}.txt")
         rows.append(
             report(
                 {
@@ -504,6 +533,9 @@ def main() -> None:
     parser.add_argument(
         "--data", help="dataset folder whose training episodes feed --train-step (default: random grids)"
     )
+    parser.add_argument(
+        "--profile", metavar="DIR", help="with --train-step: write each path's top GPU kernels here"
+    )
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -512,7 +544,7 @@ def main() -> None:
     if torch.cuda.is_available():
         rows = run_gpu(args, dtype)
         if args.train_step:
-            rows += run_train_step(args.train_step, args.batch, "cuda", args.data)
+            rows += run_train_step(args.train_step, args.batch, "cuda", args.data, args.profile)
         title = f"bench_kernels on {machine()} ({args.dtype})"
     else:
         rows = run_cpu_check()

@@ -3,7 +3,7 @@
 #   1. the Triton kernels compiled for the card, at the model's shapes, against float64
 #      (tests/test_kernels_cuda.py; the same checks run in Triton's interpreter in CI);
 #   2. one SF2 training step in bf16 (batch 128, ARC-AGI-1 episodes): torch and Triton paths,
-#      each eager and under torch.compile;
+#      each eager and under torch.compile, with each path's top GPU kernels (profile_*.txt);
 #   3. the workflow on CUDA: data build → SF2 for a few steps → eval --vote → diagnose;
 #   4. every fused op against torch eager, torch.compile, Liger-Kernel and SDPA.
 # Rows go to benchmarks/RESULTS.md; logs and that file are copied to $OUT when it is set.
@@ -26,16 +26,16 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 step "kernel correctness on the GPU"
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")  # parallel Triton compiles
-timeout "${T_TESTS:-90}" python3 -m pytest -q -p no:cacheprovider $workers tests/test_kernels_cuda.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
+timeout "${T_TESTS:-75}" python3 -m pytest -q -p no:cacheprovider $workers tests/test_kernels_cuda.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
 
 step "SF2 training step, bf16, on ARC-AGI-1 training episodes"
 python3 -m etrm data build --out /tmp/etrm-data >/dev/null
-timeout "${T_STEP:-240}" python3 benchmarks/bench_kernels.py --ops none --train-step SF2 --batch "${STEP_BATCH:-128}" \
-    --data /tmp/etrm-data 2>&1 | tee "$OUT/train_step.log" | grep "^train step"
+timeout "${T_STEP:-300}" python3 benchmarks/bench_kernels.py --ops none --train-step SF2 --batch "${STEP_BATCH:-128}" \
+    --data /tmp/etrm-data --profile "$OUT" 2>&1 | tee "$OUT/train_step.log" | grep "^train step"
 
 step "workflow on CUDA"
 rm -rf /tmp/etrm-run
-timeout "${T_FLOW:-80}" bash -ec '
+timeout "${T_FLOW:-50}" bash -ec '
     python3 -m etrm train --preset SF2 --set data.path=/tmp/etrm-data --set train.max_steps=30 \
         --set logging.log_interval=10 --wandb disabled --out /tmp/etrm-run
     tail -n 1 /tmp/etrm-run/metrics.jsonl
@@ -44,7 +44,7 @@ timeout "${T_FLOW:-80}" bash -ec '
 ' 2>&1 | tee "$OUT/workflow.log" | tail -30
 
 step "fused ops"
-timeout "${T_OPS:-150}" python3 benchmarks/bench_kernels.py --ops "${OPS:-all}" 2>&1 | tee "$OUT/ops.log" | tail -45
+timeout "${T_OPS:-130}" python3 benchmarks/bench_kernels.py --ops "${OPS:-all}" 2>&1 | tee "$OUT/ops.log" | tail -45
 
 cp benchmarks/RESULTS.md "$OUT/" 2>/dev/null
 step "done"

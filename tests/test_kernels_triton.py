@@ -92,6 +92,20 @@ def test_apply_rotary_on_qkv_split(ops, batch, seq_len, heads, head_dim, dtype):
     check_against_float64(on_k(ops.apply_rotary), on_k(reference.apply_rotary), [qkv], dtype)
 
 
+@pytest.mark.parametrize("tile", [(64, 4), (256, 8)])
+def test_rotary_tiles_split_positions_and_heads_exactly(tile):
+    """Tiles of 1–4 positions over 3 heads (masked to 4) give the default tile's result, bit for bit, both ways."""
+    from etrm.kernels import rotary_triton
+
+    torch.manual_seed(5)
+    cos, sin = torch.randn(7, 32), torch.randn(7, 32)
+    x = torch.randn(2, 7, 9, 32)[:, :, 3:6]  # strided, as k out of a fused qkv
+    for backward in (False, True):
+        expected = rotary_triton.rotary_launch(x, cos, sin, backward)
+        assert torch.equal(rotary_triton.rotary_launch(x, cos, sin, backward, tile), expected)
+        assert not torch.equal(rotary_triton.rotary_launch(x, cos, sin, not backward, tile), expected)
+
+
 def test_apply_rotary_general_tables(ops):
     """Tables whose two halves differ (not RoPE's duplicated frequencies) exercise the adjoint's half swap."""
     torch.manual_seed(4)
@@ -228,7 +242,7 @@ def compile_for_hopper() -> list[str]:
     from etrm.kernels.triton_utils import row_tile
 
     float_args = {"eps", "scale", "scale_log2"}
-    float32_pointers = {"rstd_ptr", "cos_ptr", "sin_ptr", "lse_ptr", "delta_ptr", "dq_part_ptr"}
+    float32_pointers = {"rstd_ptr", "cos_ptr", "sin_ptr", "lse_ptr", "dq_part_ptr"}
 
     def build(kernel, data_type: str, constants: dict, num_warps: int, num_stages: int = 3) -> str:
         signature = {}
@@ -259,10 +273,11 @@ def compile_for_hopper() -> list[str]:
     block_m, block_n, warps = row_tile(1024)
     built.append(build(swiglu_triton._swiglu_fwd, "bf16", {"BLOCK_M": block_m, "BLOCK_N": block_n}, warps))
     built.append(build(swiglu_triton._swiglu_bwd, "bf16", {"BLOCK_M": block_m, "BLOCK_N": block_n}, warps))
-    block_m, block_half, warps = row_tile(32)
-    for backward in (False, True):
-        tiles = {"BACKWARD": backward, "BLOCK_M": block_m, "BLOCK_HALF": block_half}
-        built.append(build(rotary_triton._rotary, "bf16", tiles, warps))
+    for n_heads in (8, 24):  # the presets' hidden 512 and 1,536 at head size 64
+        block_s, block_h, block_half, warps = rotary_triton.rotary_tile(n_heads, 32)
+        for backward in (False, True):
+            tiles = {"BACKWARD": backward, "BLOCK_S": block_s, "BLOCK_H": block_h, "BLOCK_HALF": block_half}
+            built.append(build(rotary_triton._rotary, "bf16", tiles, warps))
     for dtype, data_type, head_dim in ((torch.bfloat16, "bf16", 64), (torch.float32, "fp32", 32)):
         q = torch.empty(1, 1, 16, head_dim, dtype=dtype)
         constants = cross_attention_triton._launch_options(q, key_mask=torch.ones(1, 1, dtype=torch.bool))
@@ -282,7 +297,7 @@ def test_kernels_compile_for_hopper():
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert len(result.stdout.split()) == 14, result.stdout
+    assert len(result.stdout.split()) == 16, result.stdout
 
 
 if __name__ == "__main__":

@@ -90,8 +90,8 @@ def _attn_fwd(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sdo_b, sdo_h, sdo_l, s_mask_b,
+    q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, o_ptr, lse_ptr, dk_ptr, dv_ptr,
+    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sdo_b, sdo_h, sdo_l, so_b, so_h, so_l, s_mask_b,
     n_heads, q_len, k_len, scale_log2, scale,
     HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -108,10 +108,10 @@ def _attn_bwd_dkdv(
     for start in range(0, q_len, BLOCK_Q):
         offs_q = start + tl.arange(0, BLOCK_Q)
         q_ok = offs_q < q_len
-        q = _load_rows(q_ptr + b * sq_b + h * sq_h, offs_q, sq_l, q_ok, HEAD_DIM, UPCAST)
-        do = _load_rows(do_ptr + b * sdo_b + h * sdo_h, offs_q, sdo_l, q_ok, HEAD_DIM, UPCAST)
-        lse = tl.load(lse_ptr + bh * q_len + offs_q, mask=q_ok, other=0.0)
-        delta = tl.load(delta_ptr + bh * q_len + offs_q, mask=q_ok, other=0.0)
+        q, do, lse, delta = _query_rows(
+            q_ptr, do_ptr, o_ptr, lse_ptr, b, h, bh, offs_q, q_ok, q_len,
+            sq_b, sq_h, sq_l, sdo_b, sdo_h, sdo_l, so_b, so_h, so_l, HEAD_DIM, UPCAST,
+        )  # fmt: skip
         scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
         p_t = tl.where(k_ok[:, None] & q_ok[None, :], tl.exp2(scores_t - lse[None, :]), 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -128,21 +128,26 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _query_rows(
-    q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, bh, offs_q, q_ok, q_len,
-    sq_b, sq_h, sq_l, sdo_b, sdo_h, sdo_l, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
+    q_ptr, do_ptr, o_ptr, lse_ptr, b, h, bh, offs_q, q_ok, q_len,
+    sq_b, sq_h, sq_l, sdo_b, sdo_h, sdo_l, so_b, so_h, so_l, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """What the backward needs of a block of query rows: q, dO, log2-sum-exp and delta = rowsum(dO·O)."""
+    """What the backward needs of a block of query rows: q, dO, log2-sum-exp and delta = rowsum(dO·O).
+
+    delta is computed here from the forward's output rather than by separate torch ops: the query
+    rows are few, and every launch saved counts at the encoder's sizes.
+    """
     q = _load_rows(q_ptr + b * sq_b + h * sq_h, offs_q, sq_l, q_ok, HEAD_DIM, UPCAST)
     do = _load_rows(do_ptr + b * sdo_b + h * sdo_h, offs_q, sdo_l, q_ok, HEAD_DIM, UPCAST)
+    o = _load_rows(o_ptr + b * so_b + h * so_h, offs_q, so_l, q_ok, HEAD_DIM, True)
     lse = tl.load(lse_ptr + bh * q_len + offs_q, mask=q_ok, other=0.0)
-    delta = tl.load(delta_ptr + bh * q_len + offs_q, mask=q_ok, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o, axis=1)
     return q, do, lse, delta
 
 
 @triton.jit
 def _attn_bwd_dq(
-    q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sdo_b, sdo_h, sdo_l, s_mask_b,
+    q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, o_ptr, lse_ptr, dq_ptr,
+    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sdo_b, sdo_h, sdo_l, so_b, so_h, so_l, s_mask_b,
     n_heads, q_len, k_len, scale_log2, scale,
     HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -152,8 +157,8 @@ def _attn_bwd_dq(
     offs_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_ok = offs_q < q_len
     q, do, lse, delta = _query_rows(
-        q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, bh, offs_q, q_ok, q_len,
-        sq_b, sq_h, sq_l, sdo_b, sdo_h, sdo_l, HEAD_DIM, UPCAST,
+        q_ptr, do_ptr, o_ptr, lse_ptr, b, h, bh, offs_q, q_ok, q_len,
+        sq_b, sq_h, sq_l, sdo_b, sdo_h, sdo_l, so_b, so_h, so_l, HEAD_DIM, UPCAST,
     )  # fmt: skip
     k_base, v_base, mask_row = (
         k_ptr + b * sk_b + h * sk_h,
@@ -179,8 +184,8 @@ def _attn_bwd_dq(
 
 @triton.jit
 def _attn_bwd_fused(
-    q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_part_ptr,
-    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sdo_b, sdo_h, sdo_l, s_mask_b,
+    q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, o_ptr, lse_ptr, dk_ptr, dv_ptr, dq_part_ptr,
+    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sdo_b, sdo_h, sdo_l, so_b, so_h, so_l, s_mask_b,
     n_heads, q_len, k_len, scale_log2, scale, keys_per_program, n_chunks,
     HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -188,7 +193,8 @@ def _attn_bwd_fused(
     """All query rows (q_len ≤ BLOCK_Q) against one chunk of keys: dK, dV of the chunk and its share of dQ.
 
     K and V are read once for the whole backward; the chunk's dQ term goes to a float32 buffer
-    [B·H, n_chunks, Lq, D] that the launcher sums (a few chunks per head: small next to K and V).
+    [B·H, n_chunks, Lq, D] that the launcher sums (a few chunks per head: small next to K and V),
+    or, with one chunk per head, straight to dQ in its own dtype.
     """
     bh = tl.program_id(1).to(tl.int64)
     chunk = tl.program_id(0)
@@ -196,8 +202,8 @@ def _attn_bwd_fused(
     offs_q = tl.arange(0, BLOCK_Q)
     q_ok = offs_q < q_len
     q, do, lse, delta = _query_rows(
-        q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, bh, offs_q, q_ok, q_len,
-        sq_b, sq_h, sq_l, sdo_b, sdo_h, sdo_l, HEAD_DIM, UPCAST,
+        q_ptr, do_ptr, o_ptr, lse_ptr, b, h, bh, offs_q, q_ok, q_len,
+        sq_b, sq_h, sq_l, sdo_b, sdo_h, sdo_l, so_b, so_h, so_l, HEAD_DIM, UPCAST,
     )  # fmt: skip
     k_base, v_base, mask_row = (
         k_ptr + b * sk_b + h * sk_h,
@@ -226,7 +232,8 @@ def _attn_bwd_fused(
         tl.store(dv_ptr + offsets, dv.to(dv_ptr.dtype.element_ty), mask=in_range)
 
     part = dq_part_ptr + ((bh * n_chunks + chunk) * q_len + offs_q[:, None]) * HEAD_DIM
-    tl.store(part + tl.arange(0, HEAD_DIM)[None, :], dq * scale, mask=q_ok[:, None])
+    dq = (dq * scale).to(dq_part_ptr.dtype.element_ty)
+    tl.store(part + tl.arange(0, HEAD_DIM)[None, :], dq, mask=q_ok[:, None])
 
 
 def _config(head_dim: int, dtype: torch.dtype) -> dict:
@@ -344,8 +351,6 @@ def cross_attention_backward(dout, q, k, v, key_mask, out, lse):
     (dout,) = unit_last_stride(dout)
     batch, n_heads, q_len, head_dim = q.shape
     k_len = k.shape[2]
-    delta = (dout.float() * out.float()).sum(-1)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     options = _launch_options(q, key_mask)
@@ -355,6 +360,7 @@ def cross_attention_backward(dout, q, k, v, key_mask, out, lse):
         *_strides(k),
         *_strides(v),
         *_strides(dout),
+        *_strides(out),
         mask_stride,
         n_heads,
         q_len,
@@ -363,19 +369,26 @@ def cross_attention_backward(dout, q, k, v, key_mask, out, lse):
         head_dim**-0.5,
     )
     if q_len <= options["BLOCK_Q"]:
-        # One pass over the keys: dK, dV and per-chunk dQ terms, summed here.
+        # One pass over the keys: dK, dV and per-chunk dQ terms (dQ itself when there is one chunk).
         keys_per_program, n_chunks = _key_chunks(batch * n_heads, k_len, options["BLOCK_K"], q.device)
-        dq_parts = torch.empty(
-            (batch * n_heads, n_chunks, q_len, head_dim), dtype=torch.float32, device=q.device
-        )
+        if n_chunks == 1:
+            dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            dq_parts = dq
+        else:
+            dq_parts = torch.empty(
+                (batch * n_heads, n_chunks, q_len, head_dim), dtype=torch.float32, device=q.device
+            )
         _attn_bwd_fused[(n_chunks, batch * n_heads)](
-            q, k, v, mask, dout, lse, delta, dk, dv, dq_parts, *common, keys_per_program, n_chunks, **options
+            q, k, v, mask, dout, out, lse, dk, dv, dq_parts, *common, keys_per_program, n_chunks, **options
         )
-        return dq_parts.sum(1).view(q.shape).to(q.dtype), dk, dv
+        if n_chunks > 1:
+            dq = dq_parts.sum(1).view(q.shape).to(q.dtype)
+        return dq, dk, dv
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _attn_bwd_dkdv[(triton.cdiv(k_len, options["BLOCK_K"]), batch * n_heads)](
-        q, k, v, mask, dout, lse, delta, dk, dv, *common, **options
+        q, k, v, mask, dout, out, lse, dk, dv, *common, **options
     )
     _attn_bwd_dq[(triton.cdiv(q_len, options["BLOCK_Q"]), batch * n_heads)](
-        q, k, v, mask, dout, lse, delta, dq, *common, **options
+        q, k, v, mask, dout, out, lse, dq, *common, **options
     )
     return dq, dk, dv

@@ -69,9 +69,9 @@ def _add_rms_norm_bwd(
 
 
 def add_rms_norm_forward(
-    x: torch.Tensor, residual: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, eps: float, tile: tuple[int, int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (y in x's dtype and shape, rstd float32 per row)."""
+    """Returns (y in x's dtype and shape, rstd float32 per row). `tile`: see `row_tile`."""
     if x.shape != residual.shape:
         raise ValueError(
             f"add_rms_norm: x {tuple(x.shape)} and residual {tuple(residual.shape)} differ in shape"
@@ -80,7 +80,7 @@ def add_rms_norm_forward(
     n_rows, n_cols = x_rows.shape
     y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    block_m, block_n, num_warps = row_tile(n_cols)
+    block_m, block_n, num_warps = row_tile(n_cols, tile)
     _add_rms_norm_fwd[(triton.cdiv(n_rows, block_m),)](
         x_rows,
         res_rows,
@@ -99,11 +99,13 @@ def add_rms_norm_forward(
     return y.view(x.shape), rstd
 
 
-def add_rms_norm_backward(dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+def add_rms_norm_backward(
+    dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, tile: tuple[int, int] | None = None
+) -> torch.Tensor:
     dy_rows, y_rows = as_rows(dy), as_rows(y)
     n_rows, n_cols = y_rows.shape
     dh = torch.empty((n_rows, n_cols), dtype=y.dtype, device=y.device)
-    block_m, block_n, num_warps = row_tile(n_cols)
+    block_m, block_n, num_warps = row_tile(n_cols, tile)
     _add_rms_norm_bwd[(triton.cdiv(n_rows, block_m),)](
         dy_rows,
         y_rows,

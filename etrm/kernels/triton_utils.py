@@ -20,10 +20,15 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
 
 
-def row_tile(n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK_M rows, BLOCK_N columns, num_warps) for a kernel that keeps whole rows in registers."""
+def row_tile(n_cols: int, tile: tuple[int, int] | None = None) -> tuple[int, int, int]:
+    """(BLOCK_M rows, BLOCK_N columns, num_warps) for a kernel that keeps whole rows in registers.
+
+    `tile` = (elements per tile, num_warps) overrides the default (benchmarks/sweep_tiles.py).
+    """
     block_n = triton.next_power_of_2(n_cols)
     budget, max_rows = (16384, 1024) if interpreting() else (4096, 64)
+    if tile:
+        budget, max_rows = tile[0], 1024
     block_m = max(1, min(max_rows, budget // block_n))
-    num_warps = 4 if block_m * block_n <= 4096 else 8
+    num_warps = tile[1] if tile else 4 if block_m * block_n <= 4096 else 8
     return block_m, block_n, num_warps
