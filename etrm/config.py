@@ -48,6 +48,13 @@ class ArchConfig:
     seq_len: int = 900
     puzzle_emb_len: int = 16  # prefix slots in front of the grid (TRM: 16)
     forward_dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 elsewhere
+    # Embed each cell's row and column counted from both ends of its grid (decoder and demo encoder);
+    # off = TRM's function (positions through 1-D RoPE only). See etrm/models/grid_coords.py.
+    grid_coords: bool = False
+    # Each query cell also reads the demos directly: one cross-attention from the query's cells to
+    # every demo cell state, added to the decoder's token embeddings (demo encoders only). See
+    # etrm/models/encoder_parts.py (CellLookup).
+    cell_lookup: bool = False
     # context provider
     encoder_type: str = "hybrid_standard"
     context_len: int = 16  # filled prefix slots (1..puzzle_emb_len); the rest stay zero

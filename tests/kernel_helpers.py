@@ -100,7 +100,7 @@ def tiny_episode(batch_size: int = 1) -> dict:
 
 
 def two_act_steps(
-    encoder_type: str, batch: dict, forward_dtype: str = "auto", device: str = "cpu"
+    encoder_type: str, batch: dict, forward_dtype: str = "auto", device: str = "cpu", **arch_overrides
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Losses and logits of two ACT steps of a freshly seeded tiny ETRM, and every parameter's gradient."""
     from etrm.models import build_model
@@ -126,6 +126,8 @@ def two_act_steps(
         num_puzzle_identifiers=3,
         forward_dtype=forward_dtype,
     )
+    for name, value in arch_overrides.items():
+        setattr(arch, name, value)
     head = ACTLossHead(build_model(arch)).to(device).train()
     batch = {k: v.to(device) for k, v in batch.items()}
     carry = head.initial_carry(batch)

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from etrm import kernels
-from etrm.data.encoding import CANVAS, PAD_TOKEN, SEQ_LEN
+from etrm.data.encoding import CANVAS, COLOR_OFFSET, PAD_TOKEN, SEQ_LEN
+from etrm.models.grid_coords import GridCoordinateEmbedding, grid_coordinates
 from etrm.models.layers import CastedEmbedding, CastedLinear, PostNormBlock, SwiGLU, trunc_normal_init_
 
 LENGTH_GROUPS = 8  # demos of a batch are encoded in this many groups of similar length
@@ -29,12 +30,19 @@ class DemoGridEncoder(nn.Module):
     Each demo's non-PAD cells (colours and EOS of both grids) are gathered to the front of its
     sequence, which is cut at the longest demo of the batch; the tail is masked. A cell is
     embedded as colour token + row + column + side (input/output), so its position survives
-    the gathering. A learned summary token leads every sequence and is always attendable, so
+    the gathering (with `grid_coords`, also + rows below and columns right of it in its grid). A learned summary token leads every sequence and is always attendable, so
     no attention row is ever fully masked.
     """
 
     def __init__(
-        self, vocab_size: int, width: int, num_heads: int, expansion: float, num_layers: int, eps: float
+        self,
+        vocab_size: int,
+        width: int,
+        num_heads: int,
+        expansion: float,
+        num_layers: int,
+        eps: float,
+        grid_coords: bool = False,
     ):
         super().__init__()
         std = 1.0 / math.sqrt(width)
@@ -43,14 +51,20 @@ class DemoGridEncoder(nn.Module):
         self.row_embedding = CastedEmbedding(CANVAS, width, std)
         self.col_embedding = CastedEmbedding(CANVAS, width, std)
         self.side_embedding = CastedEmbedding(2, width, std)
+        # With arch.grid_coords, also rows below and columns right of a cell within its own grid.
+        self.far_side_embedding = GridCoordinateEmbedding(width, std, which=(2, 3)) if grid_coords else None
         self.summary_token = nn.Parameter(trunc_normal_init_(torch.empty(width), std))
         self.layers = nn.ModuleList(
             PostNormBlock(width, num_heads, expansion, eps) for _ in range(num_layers)
         )
         self.length_groups = LENGTH_GROUPS
 
-    def forward(self, inputs: torch.Tensor, outputs: torch.Tensor):
-        """inputs, outputs [N, 900] tokens → states [N, S, width] (position 0 = summary), attend [N, S] bool."""
+    def forward(self, inputs: torch.Tensor, outputs: torch.Tensor, with_cells: bool = False):
+        """inputs, outputs [N, 900] tokens → states [N, S, width] (position 0 = summary), attend [N, S] bool.
+
+        with_cells: also (colours [N, S], partners [N, S]): each state's own token and the token at
+        the same canvas position of the demo's other grid (PAD for the summary), for `CellLookup`.
+        """
         tokens = torch.cat((inputs, outputs), dim=1)
         is_cell = tokens != PAD_TOKEN
         order, group_lengths = self._length_groups(is_cell.sum(dim=1))
@@ -65,14 +79,23 @@ class DemoGridEncoder(nn.Module):
             + self.col_embedding(offset % CANVAS)
             + self.side_embedding(side)
         )
+        if self.far_side_embedding is not None:
+            coords = torch.cat((grid_coordinates(inputs, CANVAS), grid_coordinates(outputs, CANVAS)), dim=1)
+            embedded = embedded + self.far_side_embedding(
+                coords.gather(1, where[..., None].expand(-1, -1, 4))
+            )
         summary = self.summary_token.expand(tokens.shape[0], 1, -1)
         h = torch.cat((summary, embedded), dim=1) * self.embed_scale
         attend = F.pad(is_cell.gather(1, where), (1, 0), value=True)
         if order is None:
             for layer in self.layers:
                 h = layer(h, attn_mask=attend[:, None, None, :])
+        else:
+            h = self._encode_by_length(h, attend, order, group_lengths)
+        if not with_cells:
             return h, attend
-        return self._encode_by_length(h, attend, order, group_lengths), attend
+        partners = tokens.gather(1, (1 - side) * SEQ_LEN + offset)
+        return h, attend, F.pad(cells, (1, 0), value=PAD_TOKEN), F.pad(partners, (1, 0), value=PAD_TOKEN)
 
     def _length_groups(self, cells: torch.Tensor) -> tuple[torch.Tensor | None, list[int]]:
         """(demos sorted by cell count, or None for one group; each group's sequence length incl. summary).
@@ -133,6 +156,66 @@ class CrossAttentionPool(nn.Module):
         attended = kernels.cross_attention(q, k, v, attend).transpose(1, 2).reshape(b, -1, width)
         h = kernels.add_rms_norm(self.o_proj(attended), queries, self.eps)
         return kernels.add_rms_norm(self.mlp(h), h, self.eps)
+
+
+class CellLookup(nn.Module):
+    """Each cell of the query grid attends over every demo cell state of its sample (`arch.cell_lookup`).
+
+    The query cells are embedded as demo input cells are (the grid encoder's colour, row, column
+    and side tables), so "the demo cells where the input had my colour" or "my position in the
+    demos" are matches attention can make in one step; the encoder's layers have already put each
+    output cell's colour next to its input's. The result, one vector per query cell at the
+    decoder's width, is added to the decoder's token embeddings: a colour table read off the
+    demos, for instance, reaches every cell directly instead of through the pooled context.
+
+    Colour identity is also given to the scores directly: per head, a learned weight (zero at
+    the start) times [query cell's colour = demo cell's colour] and another times [query cell's
+    colour = the colour at the same position of the demo's other grid]. Without them the models
+    settled on "background stays, every other cell becomes the demos' most common new colour";
+    a head with the second weight high reads the output cells whose input had my colour.
+    The scores then carry a bias, so this attention runs through SDPA, not the fused kernel.
+    """
+
+    def __init__(self, width: int, num_heads: int, hidden_size: int, side: int):
+        super().__init__()
+        self.num_heads, self.side = num_heads, side
+        self.q_proj = CastedLinear(width, width)
+        self.kv_proj = CastedLinear(width, 2 * width)
+        self.out = context_linear(width, hidden_size, hidden_size)
+        self.colour_match = nn.Parameter(torch.zeros(2, num_heads))  # [own colour, partner's colour] × heads
+
+    def forward(
+        self,
+        enc: DemoGridEncoder,
+        query: torch.Tensor,
+        demo_states: torch.Tensor,
+        demo_attend: torch.Tensor,
+        demo_colours: torch.Tensor,
+        demo_partners: torch.Tensor,
+    ) -> torch.Tensor:
+        """enc: the grid encoder whose embedding tables the query cells share (not a submodule here);
+        query [B, 900] tokens; demo_states [B, L, width], demo_attend [B, L], demo_colours and
+        demo_partners [B, L] tokens (`DemoGridEncoder(with_cells=True)`) → [B, side², hidden]."""
+        b, side, length, width = query.shape[0], self.side, demo_states.shape[1], demo_states.shape[2]
+        cells = query.view(b, CANVAS, CANVAS)[:, :side, :side].reshape(b, side * side)
+        rows = torch.arange(side, device=query.device).repeat_interleave(side)
+        cols = torch.arange(side, device=query.device).repeat(side)
+        embedded = enc.token_embedding(cells) + enc.row_embedding(rows) + enc.col_embedding(cols)
+        embedded = embedded + enc.side_embedding(torch.zeros_like(rows))
+        if enc.far_side_embedding is not None:
+            embedded = embedded + enc.far_side_embedding(grid_coordinates(cells, side))
+        head_dim = width // self.num_heads
+        q = self.q_proj(embedded.to(demo_states.dtype) * enc.embed_scale)
+        q = q.view(b, side * side, self.num_heads, head_dim).transpose(1, 2)
+        k, v = self.kv_proj(demo_states).view(b, length, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        colour = torch.where(cells >= COLOR_OFFSET, cells, -1)[:, None, :, None]  # never equal to PAD or EOS
+        weights = self.colour_match.to(q.dtype)[:, None, :, None, None]
+        bias = weights[0] * (colour == demo_colours[:, None, None, :]) + weights[1] * (
+            colour == demo_partners[:, None, None, :]
+        )
+        bias = bias.masked_fill(~demo_attend[:, None, None, :], float("-inf"))
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.out(attended.transpose(1, 2).reshape(b, side * side, width))
 
 
 class GaussianLatent(nn.Module):

@@ -1,7 +1,8 @@
 """Context modules: turn a batch's demos (or its puzzle id) into the decoder's prefix context.
 
 Every demo encoder reads `demo_inputs`, `demo_outputs` [B, D, 900] and `demo_mask` [B, D] and
-returns `(context [B, context_len, hidden], kl [B] or None)`. They share one per-demo grid
+returns `(context [B, context_len, hidden], kl [B] or None)`; with `arch.cell_lookup` the context
+also holds, after those slots, one vector per cell of the decoder's canvas (`CellLookup`). They share one per-demo grid
 transformer (`encoder_parts.DemoGridEncoder`) and differ in how the demos are combined:
 
 - standard: summary token per demo → mean over demos → projection.
@@ -15,6 +16,7 @@ A sample without any demo gets a zero context and zero KL.
 from __future__ import annotations
 
 import abc
+import math
 
 import torch
 from torch import nn
@@ -22,6 +24,7 @@ from torch import nn
 from etrm.config import ENCODER_TYPES, ArchConfig
 from etrm.errors import EtrmError
 from etrm.models.encoder_parts import (
+    CellLookup,
     ContextProjection,
     CrossAttentionPool,
     DemoGridEncoder,
@@ -47,6 +50,12 @@ class DemoEncoder(nn.Module, abc.ABC):
             arch.expansion,
             arch.encoder_num_layers,
             arch.rms_norm_eps,
+            grid_coords=arch.grid_coords,
+        )
+        self.cell_lookup = (
+            CellLookup(self.width, self.num_heads, arch.hidden_size, math.isqrt(arch.seq_len))
+            if arch.cell_lookup
+            else None
         )
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -57,8 +66,13 @@ class DemoEncoder(nn.Module, abc.ABC):
             present = torch.zeros_like(present)
             present[0, 0] = True
         inputs, outputs = batch["demo_inputs"], batch["demo_outputs"]
-        states, attend = self.grid_encoder(inputs[present], outputs[present])
+        with_cells = self.cell_lookup is not None
+        states, attend, *cells = self.grid_encoder(inputs[present], outputs[present], with_cells)
         context, kl = self.combine(states, attend, present)
+        if with_cells:
+            packed = [pack_present(t, present) for t in (states, attend, *cells)]
+            lookup = self.cell_lookup(self.grid_encoder, batch["inputs"], *packed)
+            context = torch.cat((context, lookup.to(context.dtype)), dim=1)
         context = torch.where(has_demos[:, None, None], context, torch.zeros_like(context))
         if kl is not None:
             kl = torch.where(has_demos, kl, torch.zeros_like(kl))
@@ -118,6 +132,10 @@ def build_encoder(arch: ArchConfig) -> nn.Module:
             f"arch.context_len={arch.context_len} must be between 1 and arch.puzzle_emb_len={arch.puzzle_emb_len}"
         )
     if arch.encoder_type == "puzzle_embedding":
+        if arch.cell_lookup:
+            raise EtrmError(
+                "arch.cell_lookup needs a demo encoder; arch.encoder_type=puzzle_embedding has no demos"
+            )
         from etrm.models.puzzle_embedding import PuzzleEmbeddingContext
 
         return PuzzleEmbeddingContext(arch)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from etrm.config import ArchConfig
+from etrm.models.grid_coords import GridCoordinateEmbedding, grid_coordinates
 from etrm.models.layers import (
     CastedEmbedding,
     CastedLinear,
@@ -52,6 +53,10 @@ class TRMDecoder(nn.Module):
         self.prefix_len = arch.puzzle_emb_len
         self.embed_scale = math.sqrt(hidden)
         self.embed_tokens = CastedEmbedding(arch.vocab_size, hidden, init_std=1.0 / self.embed_scale)
+        self.canvas_side = math.isqrt(arch.seq_len)
+        self.grid_coords = (
+            GridCoordinateEmbedding(hidden, init_std=1.0 / self.embed_scale) if arch.grid_coords else None
+        )
         self.lm_head = CastedLinear(hidden, arch.vocab_size, bias=False)
         self.q_head = CastedLinear(hidden, 2, bias=True)
         self.rotary_emb = RotaryEmbedding(
@@ -82,8 +87,14 @@ class TRMDecoder(nn.Module):
     def input_embeddings(
         self, inputs: torch.Tensor, context: torch.Tensor, dtype: torch.dtype
     ) -> torch.Tensor:
-        """sqrt(hidden) · [context zero-padded to the prefix length ; token embeddings]."""
-        tokens = self.embed_tokens(inputs).to(dtype)
+        """sqrt(hidden) · [context zero-padded to the prefix length ; token embeddings (+ grid coordinates)]."""
+        tokens = self.embed_tokens(inputs)
+        if self.arch.cell_lookup:  # the context's slots, then one vector per canvas cell (CellLookup)
+            context, per_cell = context[:, : self.arch.context_len], context[:, self.arch.context_len :]
+            tokens = tokens + per_cell.to(tokens.dtype)
+        if self.grid_coords is not None:
+            tokens = tokens + self.grid_coords(grid_coordinates(inputs, self.canvas_side))
+        tokens = tokens.to(dtype)
         prefix = F.pad(context.to(dtype), (0, 0, 0, self.prefix_len - context.shape[1]))
         return self.embed_scale * torch.cat((prefix, tokens), dim=1)
 
