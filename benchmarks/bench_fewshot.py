@@ -56,7 +56,9 @@ def copy_floor(data: Path) -> dict[str, float]:
 
 def train_one(data: Path, encoder: str, run_dir: Path, args) -> dict:
     """Train and score one encoder; {family: pass@1, "all": pass@1, "steps", "cpu_s", "wall_s"}."""
-    cfg = fewshot_config(data, encoder, args.minutes, seed=args.seed, grid_size=args.grid_size)
+    cfg = fewshot_config(
+        data, encoder, args.minutes, seed=args.seed, grid_size=args.grid_size, extra=args.settings
+    )
     wall, cpu = time.perf_counter(), time.process_time()
     results = train_and_evaluate(cfg, run_dir, eval_num_aug=args.eval_num_aug, progress=True)
     scores = {name: score for name, (_, score) in family_scores(results).items()}
@@ -107,6 +109,14 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help="keep data and runs here (default: a temp folder)"
     )
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every run on top of the quickstart recipe (repeatable)",
+    )
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
     if args.threads:
@@ -153,7 +163,7 @@ def main() -> None:
         f"--families {','.join(families)} --held-out {','.join(held_out)} --train-puzzles {args.train_puzzles} "
         f"--test-puzzles {args.test_puzzles} --grid-size {args.grid_size[0]}..{args.grid_size[1]} "
         f"--num-aug {args.num_aug} --eval-num-aug {args.eval_num_aug} --threads {torch.get_num_threads()} "
-        f"--seed {args.seed}`\n\n"
+        f"--seed {args.seed}{''.join(f' --set {kv}' for kv in args.settings)}`\n\n"
         f"pass@1 (votes over {args.eval_num_aug} augmentations); last row of each part: optimizer steps "
         f"trained / process CPU seconds of training + evaluation.\n"
     )

@@ -1,7 +1,7 @@
 """Fused-kernel speed: Triton vs torch eager vs torch.compile vs Liger-Kernel vs SDPA, forward and forward+backward.
 
     python benchmarks/bench_kernels.py [--batch 128] [--dtype bf16] [--lk 2000,8000,18000] [--ops all|none|a,b]
-                                       [--train-step SF2 [--data DIR]] [--no-record]
+                                       [--train-step SF2 [--data DIR] [--profile DIR]] [--no-record]
 
 Shapes are the model's: rows = batch × 916 tokens at hidden 512 and 1,536 (add_rms_norm,
 swiglu at TRM's inner size, rotary of q and k with 64-wide heads), and the set encoder's
@@ -14,6 +14,7 @@ copy_ for bandwidth, a large matmul for TFLOP/s). Rows are appended to RESULTS.m
 model on one training batch of `--data DIR` (a built dataset; without it, 10 random demos of
 3..30 a side), with ETRM_KERNELS=torch, =triton, the torch path under torch.compile (the issue's goal:
 SF2, bf16, batch 128), and the Triton path under torch.compile (`train.compile=inductor`).
+`--profile DIR` writes each path's top GPU kernels (torch.profiler, 3 steps) to DIR/profile_*.txt.
 
 Without a GPU the script runs every Triton kernel in Triton's CPU interpreter at tiny shapes,
 checks output and gradients against a float64 reference, and times nothing.

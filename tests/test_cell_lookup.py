@@ -86,11 +86,13 @@ def test_colour_match_weights_make_a_query_cell_read_the_cells_paired_with_its_c
     demo_in = np.array([[1, 2], [3, 1]])
     demo_out = np.array([[5, 6], [7, 5]])  # 1→5, 2→6, 3→7 cell by cell
     query_grid = np.array([[2, 1, 3]])
-    tokens = {name: canvas_tokens(g)[None] for name, g in (("in", demo_in), ("out", demo_out), ("q", query_grid))}
+    tokens = {
+        name: canvas_tokens(g)[None] for name, g in (("in", demo_in), ("out", demo_out), ("q", query_grid))
+    }
     with torch.no_grad():
         states, attend, colours, partners = enc(tokens["in"], tokens["out"], with_cells=True)
         lookup.q_proj.weight.zero_()
-        lookup.colour_match.copy_(torch.tensor([[0.0, 0.0], [60.0, 60.0]]))
+        lookup.colour_match.copy_(torch.tensor([[0.0, 0.0], [60.0, 60.0]]) / lookup.MATCH_SCALE)
         got = lookup(enc, tokens["q"], states, attend, colours, partners)
         values = lookup.kv_proj(states)[..., 16:]  # [1, S, width]
         for col, colour in enumerate(query_grid[0]):

@@ -156,3 +156,15 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
         main(["quickstart", "--minutes", "0.2", "--out", str(out)])
     assert exit_info.value.code == 2
     assert "already holds files" in capsys.readouterr().err
+
+
+def test_recipe_gives_demo_encoders_the_cell_lookup_and_the_baseline_none(tmp_path):
+    from etrm.models.encoders import build_encoder
+    from etrm.quickstart import fewshot_config
+
+    for encoder, lookup in (("standard", True), ("hybrid_standard", True), ("puzzle_embedding", False)):
+        cfg = fewshot_config(tmp_path, encoder, 1.0)
+        assert cfg.arch.cell_lookup is lookup and cfg.arch.encoder_type == encoder
+        cfg.arch.num_puzzle_identifiers = 3
+        build_encoder(cfg.arch)  # a valid model: the baseline has no demos to look up
+    assert fewshot_config(tmp_path, "standard", 1.0, extra=["arch.cell_lookup=false"]).arch.cell_lookup is False

@@ -168,13 +168,18 @@ class CellLookup(nn.Module):
     decoder's width, is added to the decoder's token embeddings: a colour table read off the
     demos, for instance, reaches every cell directly instead of through the pooled context.
 
-    Colour identity is also given to the scores directly: per head, a learned weight (zero at
-    the start) times [query cell's colour = demo cell's colour] and another times [query cell's
-    colour = the colour at the same position of the demo's other grid]. Without them the models
-    settled on "background stays, every other cell becomes the demos' most common new colour";
-    a head with the second weight high reads the output cells whose input had my colour.
-    The scores then carry a bias, so this attention runs through SDPA, not the fused kernel.
+    Colour identity is also given to the scores directly: per head, a learned weight times
+    [query cell's colour = demo cell's colour] and another times [query cell's colour = the
+    colour at the same position of the demo's other grid]. Without them the models settled on
+    "background stays, every other cell becomes the demos' most common new colour"; a head with
+    the second weight high reads the output cells whose input had my colour. The weights are
+    stored divided by MATCH_SCALE (Adam moves a parameter by about lr per step, and a useful
+    bias is several units), and half the heads start at a partner weight of 4: the other half
+    start unbiased. The scores then carry a bias, so this attention runs through SDPA, not the
+    fused kernel.
     """
+
+    MATCH_SCALE = 10.0
 
     def __init__(self, width: int, num_heads: int, hidden_size: int, side: int):
         super().__init__()
@@ -182,7 +187,10 @@ class CellLookup(nn.Module):
         self.q_proj = CastedLinear(width, width)
         self.kv_proj = CastedLinear(width, 2 * width)
         self.out = context_linear(width, hidden_size, hidden_size)
-        self.colour_match = nn.Parameter(torch.zeros(2, num_heads))  # [own colour, partner's colour] × heads
+        # [own colour, partner's colour] × heads, in units of 1/MATCH_SCALE.
+        self.colour_match = nn.Parameter(torch.zeros(2, num_heads))
+        with torch.no_grad():
+            self.colour_match[1, : max(1, num_heads // 2)] = 4.0 / self.MATCH_SCALE
 
     def forward(
         self,
@@ -209,7 +217,7 @@ class CellLookup(nn.Module):
         q = q.view(b, side * side, self.num_heads, head_dim).transpose(1, 2)
         k, v = self.kv_proj(demo_states).view(b, length, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         colour = torch.where(cells >= COLOR_OFFSET, cells, -1)[:, None, :, None]  # never equal to PAD or EOS
-        weights = self.colour_match.to(q.dtype)[:, None, :, None, None]
+        weights = (self.colour_match * self.MATCH_SCALE).to(q.dtype)[:, None, :, None, None]
         bias = weights[0] * (colour == demo_colours[:, None, None, :]) + weights[1] * (
             colour == demo_partners[:, None, None, :]
         )
