@@ -167,4 +167,6 @@ def test_recipe_gives_demo_encoders_the_cell_lookup_and_the_baseline_none(tmp_pa
         assert cfg.arch.cell_lookup is lookup and cfg.arch.encoder_type == encoder
         cfg.arch.num_puzzle_identifiers = 3
         build_encoder(cfg.arch)  # a valid model: the baseline has no demos to look up
-    assert fewshot_config(tmp_path, "standard", 1.0, extra=["arch.cell_lookup=false"]).arch.cell_lookup is False
+    assert (
+        fewshot_config(tmp_path, "standard", 1.0, extra=["arch.cell_lookup=false"]).arch.cell_lookup is False
+    )
