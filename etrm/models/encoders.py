@@ -2,8 +2,9 @@
 
 Every demo encoder reads `demo_inputs`, `demo_outputs` [B, D, 900] and `demo_mask` [B, D] and
 returns `(context [B, context_len, hidden], kl [B] or None)`; with `arch.cell_lookup` the context
-also holds, after those slots, one vector per cell of the decoder's canvas (`CellLookup`). They share one per-demo grid
-transformer (`encoder_parts.DemoGridEncoder`) and differ in how the demos are combined:
+also holds, after those slots, one vector per cell of the decoder's canvas (`CellLookup`). They
+share one per-demo grid transformer (`encoder_parts.DemoGridEncoder`) and differ in how the
+demos are combined:
 
 - standard: summary token per demo → mean over demos → projection.
 - hybrid_standard: all demos' cell states → `context_len` learned queries (cross-attention).
