@@ -76,20 +76,17 @@ def check_shapes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         )
 
 
-def rotary_tile(n_heads: int, half: int, elements: int | None = None) -> tuple[int, int, int, int]:
-    """(BLOCK_S positions, BLOCK_H heads, BLOCK_HALF columns, num_warps): about `elements` per half-tile.
+def rotary_tile(n_heads: int, half: int, tile: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
+    """(BLOCK_S positions, BLOCK_H heads, BLOCK_HALF columns, num_warps) for about a tile's elements per half.
 
     GPU default: 1,024 elements over 8 warps, the tile with the best worst case in
     benchmarks/sweep_tiles.py on an H200 (85–86% of copy bandwidth at 8 heads, 86% at 24, forward
     and backward; 4,096 over 4 warps gave 81–83% and 88–89%). The interpreter, whose cost is per
-    program, takes 16,384. `elements` (with 4 warps) exists for the sweep.
+    program, takes 16,384 over 4. `tile` = (elements, num_warps) overrides both (for the sweep).
     """
     block_h, block_half = triton.next_power_of_2(n_heads), triton.next_power_of_2(half)
-    if elements is None and not interpreting():
-        return max(1, 1024 // (block_h * block_half)), block_h, block_half, 8
-    elements = elements or 16384
-    block_s = max(1, elements // (block_h * block_half))
-    return block_s, block_h, block_half, 4
+    elements, num_warps = tile or ((16384, 4) if interpreting() else (1024, 8))
+    return max(1, elements // (block_h * block_half)), block_h, block_half, num_warps
 
 
 def rotary_launch(
@@ -110,9 +107,7 @@ def rotary_launch(
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n_positions = batch * seq_len
-    block_s, block_h, block_half, num_warps = rotary_tile(n_heads, head_dim // 2, tile and tile[0])
-    if tile:
-        num_warps = tile[1]
+    block_s, block_h, block_half, num_warps = rotary_tile(n_heads, head_dim // 2, tile)
     _rotary[(triton.cdiv(n_positions, block_s),)](
         x,
         cos,

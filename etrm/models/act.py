@@ -20,6 +20,7 @@ from torch import nn
 from etrm.config import ArchConfig
 from etrm.errors import EtrmError
 from etrm.models.encoders import build_encoder
+from etrm.models.grid_coords import canvas_corner
 from etrm.models.losses import IGNORE_LABEL_ID
 from etrm.models.trm import TRMDecoder
 
@@ -159,9 +160,7 @@ class ETRM(nn.Module):
             raise EtrmError(
                 f"arch.seq_len={self.arch.seq_len} ({side}×{side} canvas) is too small for a grid in this batch"
             )
-        return tokens.view(-1, CANVAS_SIDE, CANVAS_SIDE)[:, :side, :side].reshape(
-            tokens.shape[0], side * side
-        )
+        return canvas_corner(tokens, side)
 
     def _full_canvas(self, logits: torch.Tensor) -> torch.Tensor:
         """[B, seq_len, V] → [B, 900, V]; cells outside the decoder's corner predict PAD (no gradient)."""

@@ -17,7 +17,7 @@ from torch import nn
 
 from etrm import kernels
 from etrm.data.encoding import CANVAS, COLOR_OFFSET, PAD_TOKEN, SEQ_LEN
-from etrm.models.grid_coords import GridCoordinateEmbedding, grid_coordinates
+from etrm.models.grid_coords import GridCoordinateEmbedding, canvas_corner, grid_coordinates
 from etrm.models.layers import CastedEmbedding, CastedLinear, PostNormBlock, SwiGLU, trunc_normal_init_
 
 LENGTH_GROUPS = 8  # demos of a batch are encoded in this many groups of similar length
@@ -73,17 +73,11 @@ class DemoGridEncoder(nn.Module):
         where = torch.argsort((~is_cell).to(torch.uint8), dim=1, stable=True)[:, :longest]
         cells = tokens.gather(1, where)
         side, offset = where // SEQ_LEN, where % SEQ_LEN
-        embedded = (
-            self.token_embedding(cells)
-            + self.row_embedding(offset // CANVAS)
-            + self.col_embedding(offset % CANVAS)
-            + self.side_embedding(side)
-        )
+        coords = None
         if self.far_side_embedding is not None:
             coords = torch.cat((grid_coordinates(inputs, CANVAS), grid_coordinates(outputs, CANVAS)), dim=1)
-            embedded = embedded + self.far_side_embedding(
-                coords.gather(1, where[..., None].expand(-1, -1, 4))
-            )
+            coords = coords.gather(1, where[..., None].expand(-1, -1, 4))
+        embedded = self.embed_cells(cells, offset // CANVAS, offset % CANVAS, side, coords)
         summary = self.summary_token.expand(tokens.shape[0], 1, -1)
         h = torch.cat((summary, embedded), dim=1) * self.embed_scale
         attend = F.pad(is_cell.gather(1, where), (1, 0), value=True)
@@ -96,6 +90,19 @@ class DemoGridEncoder(nn.Module):
             return h, attend
         partners = tokens.gather(1, (1 - side) * SEQ_LEN + offset)
         return h, attend, F.pad(cells, (1, 0), value=PAD_TOKEN), F.pad(partners, (1, 0), value=PAD_TOKEN)
+
+    def embed_cells(self, cells, rows, cols, side, coords=None) -> torch.Tensor:
+        """colour + row + column + side (0 input, 1 output) [+ rows below and columns right, from
+        `grid_coordinates` `coords`, with grid_coords]: a cell's embedding, before the width scale."""
+        embedded = (
+            self.token_embedding(cells)
+            + self.row_embedding(rows)
+            + self.col_embedding(cols)
+            + self.side_embedding(side)
+        )
+        if self.far_side_embedding is not None:
+            embedded = embedded + self.far_side_embedding(coords)
+        return embedded
 
     def _length_groups(self, cells: torch.Tensor) -> tuple[torch.Tensor | None, list[int]]:
         """(demos sorted by cell count, or None for one group; each group's sequence length incl. summary).
@@ -205,13 +212,11 @@ class CellLookup(nn.Module):
         query [B, 900] tokens; demo_states [B, L, width], demo_attend [B, L], demo_colours and
         demo_partners [B, L] tokens (`DemoGridEncoder(with_cells=True)`) → [B, side², hidden]."""
         b, side, length, width = query.shape[0], self.side, demo_states.shape[1], demo_states.shape[2]
-        cells = query.view(b, CANVAS, CANVAS)[:, :side, :side].reshape(b, side * side)
+        cells = canvas_corner(query, side)
         rows = torch.arange(side, device=query.device).repeat_interleave(side)
         cols = torch.arange(side, device=query.device).repeat(side)
-        embedded = enc.token_embedding(cells) + enc.row_embedding(rows) + enc.col_embedding(cols)
-        embedded = embedded + enc.side_embedding(torch.zeros_like(rows))
-        if enc.far_side_embedding is not None:
-            embedded = embedded + enc.far_side_embedding(grid_coordinates(cells, side))
+        coords = grid_coordinates(cells, side) if enc.far_side_embedding is not None else None
+        embedded = enc.embed_cells(cells, rows, cols, torch.zeros_like(rows), coords)  # as demo input cells
         head_dim = width // self.num_heads
         q = self.q_proj(embedded.to(demo_states.dtype) * enc.embed_scale)
         q = q.view(b, side * side, self.num_heads, head_dim).transpose(1, 2)
@@ -279,11 +284,16 @@ def mean_over_present(values: torch.Tensor, present: torch.Tensor) -> torch.Tens
     return sums / counts.view(-1, *([1] * (values.dim() - 1)))
 
 
-def pack_present(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """values [N, S, ...] of the present demos → [B, M·S, ...], M = most demos any sample has; gaps are zeros."""
+def pack_present(present: torch.Tensor, *values: torch.Tensor) -> list[torch.Tensor]:
+    """Each of `values` [N, S, ...] (the present demos, row-major order of `present` [B, D]) → [B, M·S, ...],
+    M = most demos any sample has; gaps are zeros. The slots are worked out once for all of them.
+    """
     b = present.shape[0]
     slots = max(int(present.sum(dim=1).max().item()), 1)
-    packed = values.new_zeros((b, slots, *values.shape[1:]))
-    slot_of_demo = (present.cumsum(dim=1) - 1)[present]
-    packed[present.nonzero()[:, 0], slot_of_demo] = values
-    return packed.flatten(1, 2)
+    owner, slot_of_demo = present.nonzero()[:, 0], (present.cumsum(dim=1) - 1)[present]
+    packed = []
+    for v in values:
+        out = v.new_zeros((b, slots, *v.shape[1:]))
+        out[owner, slot_of_demo] = v
+        packed.append(out.flatten(1, 2))
+    return packed

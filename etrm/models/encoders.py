@@ -71,7 +71,7 @@ class DemoEncoder(nn.Module, abc.ABC):
         states, attend, *cells = self.grid_encoder(inputs[present], outputs[present], with_cells)
         context, kl = self.combine(states, attend, present)
         if with_cells:
-            packed = [pack_present(t, present) for t in (states, attend, *cells)]
+            packed = pack_present(present, states, attend, *cells)
             lookup = self.cell_lookup(self.grid_encoder, batch["inputs"], *packed)
             context = torch.cat((context, lookup.to(context.dtype)), dim=1)
         context = torch.where(has_demos[:, None, None], context, torch.zeros_like(context))
@@ -109,7 +109,7 @@ class HybridEncoder(DemoEncoder):
             self.to_context = context_linear(self.width, arch.hidden_size, arch.hidden_size)
 
     def combine(self, states, attend, present):
-        queries = self.set_pool(pack_present(states, present), pack_present(attend, present))
+        queries = self.set_pool(*pack_present(present, states, attend))
         if self.latent is None:
             return self.to_context(queries), None
         z, kl = self.latent(queries.mean(dim=1))

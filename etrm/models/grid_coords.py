@@ -21,6 +21,11 @@ OUTSIDE = CANVAS  # the index of every cell outside its grid
 SLOTS = CANVAS + 1
 
 
+def canvas_corner(tokens: torch.Tensor, side: int) -> torch.Tensor:
+    """[N, 900] canvas tokens → [N, side·side]: the top-left side×side corner the decoder sees."""
+    return tokens.view(-1, CANVAS, CANVAS)[:, :side, :side].reshape(tokens.shape[0], side * side)
+
+
 def grid_coordinates(tokens: torch.Tensor, side: int) -> torch.Tensor:
     """tokens [N, side·side] (a grid at the top-left of a side×side canvas) → [N, side·side, 4] int64:
     (row from the top, column from the left, rows below, columns to the right) inside the grid, OUTSIDE elsewhere.
