@@ -84,7 +84,13 @@ def test_collapse_warning(puzzle_scale, aug_scale, collapsed):
         assert stats.constant and "same for every puzzle" in stats.warning
 
 
-def test_encoder_cli_on_a_tiny_checkpoint(tmp_path):
+@pytest.mark.parametrize(
+    "per_cell",
+    [[], ["arch.cell_lookup=true", "arch.grid_maps=true", "arch.seq_len=16"]],
+    ids=["slots", "slots+per-cell"],
+)
+def test_encoder_cli_on_a_tiny_checkpoint(tmp_path, per_cell):
+    """With per-cell vectors after the slots (cell lookup, grid maps), only the context_len slots are listed."""
     from etrm.config import apply_overrides, get_preset
     from etrm.data.build import BuildOptions, build_dataset
     from etrm.models import build_model
@@ -104,7 +110,7 @@ def test_encoder_cli_on_a_tiny_checkpoint(tmp_path):
     build_dataset(BuildOptions([str(tmp_path / "train")], [str(tmp_path / "test")], data, num_aug=3))
     cfg = apply_overrides(
         get_preset("SF1", size="cpu-smoke"),
-        [f"data.path={data}", "arch.hidden_size=16", "arch.num_heads=2", "arch.context_len=4"],
+        [f"data.path={data}", "arch.hidden_size=16", "arch.num_heads=2", "arch.context_len=4", *per_cell],
     )
     model = build_model(cfg.arch)
     save_checkpoint(tmp_path / "run", 7, model.state_dict(), None, cfg, {}, keep=1)

@@ -162,7 +162,15 @@ def encoder_stats(
                 yield batch
                 progress.advance(task)
 
-        contexts = collect_contexts(model.encoder, batches(), puzzles, augs)
+        # The context slots only: with arch.cell_lookup or arch.grid_maps the encoder also returns
+        # one vector per query cell, which describes the query, not the puzzle's demos.
+        slots = cfg.arch.context_len
+
+        def encode(batch):
+            context, kl = model.encoder(batch)
+            return context[:, :slots], kl
+
+        contexts = collect_contexts(encode, batches(), puzzles, augs)
     about = {
         "checkpoint_step": step,
         "encoder_type": cfg.arch.encoder_type,
