@@ -83,21 +83,22 @@ def map_of(dihedral: int, dy: int, dx: int, max_shift: int) -> int:
     return dihedral * side * side + (dy + max_shift) * side + (dx + max_shift)
 
 
-def transform_canvases(tokens: torch.Tensor, maps: torch.Tensor, side: int) -> torch.Tensor:
-    """tokens [N, 900] (a grid at the top-left of the 30×30 canvas, TRM encoding), maps [R, 5]
-    (`map_bank`) → [N, R, side·side]: each map applied to each grid, as the top-left side×side
-    corner of the result's canvas (colours, EOS below and right of the grid, PAD elsewhere).
-    """
-    n = tokens.shape[0]
-    grid = tokens.view(n, CANVAS, CANVAS)
-    is_colour = grid >= COLOR_OFFSET
-    height = is_colour.any(dim=2).sum(dim=1).view(n, 1, 1, 1)
-    width = is_colour.any(dim=1).sum(dim=1).view(n, 1, 1, 1)
+# What an output cell that reads no input cell holds: indices past the canvas's cells, into the
+# three tokens `transform_canvases` appends to each canvas.
+_FILLERS = (COLOR_OFFSET, EOS_TOKEN, PAD_TOKEN)  # background colour 0 (shifted in), EOS, PAD
+_BACKGROUND, _EOS, _PAD = (CANVAS * CANVAS + k for k in range(3))
+
+
+def source_cells(height: torch.Tensor, width: torch.Tensor, maps: torch.Tensor, side: int) -> torch.Tensor:
+    """Grid shapes height, width [U] → [U, R, side·side] int64: for each map and each cell of the
+    result's side×side corner, the input's canvas cell it copies, or _BACKGROUND, _EOS, _PAD."""
+    u = height.shape[0]
+    height, width = height.view(u, 1, 1, 1), width.view(u, 1, 1, 1)
     transpose, flip_rows, flip_cols, dy, dx = (maps[:, k].view(1, -1, 1, 1) for k in range(5))
-    out_h = torch.where(transpose.bool(), width, height)  # [N, R, 1, 1]
+    out_h = torch.where(transpose.bool(), width, height)  # [U, R, 1, 1]
     out_w = torch.where(transpose.bool(), height, width)
-    row = torch.arange(side, device=tokens.device).view(1, 1, side, 1)
-    col = torch.arange(side, device=tokens.device).view(1, 1, 1, side)
+    row = torch.arange(side, device=height.device).view(1, 1, side, 1)
+    col = torch.arange(side, device=height.device).view(1, 1, 1, side)
     inside = (row < out_h) & (col < out_w)
     eos = ((row == out_h) & (col < out_w)) | ((col == out_w) & (row < out_h))
     # Undo the shift, then the symmetry: where in the input each output cell comes from.
@@ -105,17 +106,27 @@ def transform_canvases(tokens: torch.Tensor, maps: torch.Tensor, side: int) -> t
     from_grid = (a >= 0) & (a < out_h) & (b >= 0) & (b < out_w)
     a = torch.where(flip_rows.bool(), out_h - 1 - a, a)
     b = torch.where(flip_cols.bool(), out_w - 1 - b, b)
-    src_row = torch.where(transpose.bool(), b, a).clamp(0, CANVAS - 1)
-    src_col = torch.where(transpose.bool(), a, b).clamp(0, CANVAS - 1)
-    index = (src_row * CANVAS + src_col).expand(n, -1, -1, -1).reshape(n, -1)
-    moved = tokens.gather(1, index).view(n, maps.shape[0], side, side)
-    background = torch.full_like(moved, COLOR_OFFSET)  # colour 0
-    out = torch.where(
-        inside,
-        torch.where(from_grid, moved, background),
-        torch.where(eos, torch.full_like(moved, EOS_TOKEN), torch.full_like(moved, PAD_TOKEN)),
-    )
-    return out.view(n, maps.shape[0], side * side)
+    source = torch.where(transpose.bool(), b * CANVAS + a, a * CANVAS + b)
+    filler = torch.where(eos, _EOS, _PAD)
+    return torch.where(inside, torch.where(from_grid, source, _BACKGROUND), filler).view(u, maps.shape[0], -1)
+
+
+def transform_canvases(tokens: torch.Tensor, maps: torch.Tensor, side: int) -> torch.Tensor:
+    """tokens [N, 900] (a grid at the top-left of the 30×30 canvas, TRM encoding), maps [R, 5]
+    (`map_bank`) → [N, R, side·side] uint8: each map applied to each grid, as the top-left
+    side×side corner of the result's canvas (colours, EOS below and right of the grid, PAD elsewhere).
+
+    Where each cell comes from depends only on the grid's shape, so it is worked out once per
+    distinct shape of the batch; each grid is then one gather.
+    """
+    n = tokens.shape[0]
+    is_colour = tokens.view(n, CANVAS, CANVAS) >= COLOR_OFFSET
+    height, width = is_colour.any(dim=2).sum(dim=1), is_colour.any(dim=1).sum(dim=1)
+    shapes, which = torch.unique(height * (CANVAS + 1) + width, return_inverse=True)
+    sources = source_cells(shapes // (CANVAS + 1), shapes % (CANVAS + 1), maps, side)  # [U, R, S]
+    fillers = torch.tensor(_FILLERS, dtype=torch.uint8, device=tokens.device).expand(n, -1)
+    extended = torch.cat((tokens.to(torch.uint8), fillers), dim=1)  # [N, 903]
+    return extended.gather(1, sources[which].view(n, -1)).view(n, maps.shape[0], side * side)
 
 
 def demo_agreement(
@@ -148,7 +159,7 @@ def _match_fraction(
     inputs: torch.Tensor, outputs: torch.Tensor, maps: torch.Tensor, side: int
 ) -> torch.Tensor:
     candidates = transform_canvases(inputs, maps, side)
-    target = outputs.view(-1, CANVAS, CANVAS)[:, :side, :side].reshape(-1, 1, side * side)
+    target = outputs.view(-1, CANVAS, CANVAS)[:, :side, :side].reshape(-1, 1, side * side).to(torch.uint8)
     counted = (candidates != PAD_TOKEN) | (target != PAD_TOKEN)
     hits = ((candidates == target) & counted).sum(dim=2)
     return hits.float() / counted.sum(dim=2).clamp(min=1).float()
@@ -186,7 +197,7 @@ class GridMapBank(nn.Module):
 
     def _mixture(self, query: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
         """[B, S, vocab]: the weight the chosen maps give each token at each query cell."""
-        candidates = transform_canvases(query, self.maps, self.side)  # [B, R, S]
+        candidates = transform_canvases(query, self.maps, self.side).long()  # [B, R, S]
         b, r, cells = candidates.shape
         vocab = self.candidate_embedding.embedding_weight.shape[0]
         return choice.new_zeros(b, cells, vocab).scatter_add_(
