@@ -3,7 +3,8 @@
 Moving cells by a symmetry or an offset is where the learned parts fail on a CPU budget: with
 1-D RoPE over the canvas, "my output cell reads input cell (W−1−j, i)" is a relation between
 positions that depends on the grid's size, and neither the pooled context nor the per-cell
-lookup carries it (0/16 unseen dihedral and translate puzzles after 15 minutes, RESULTS.md).
+lookup carries it (0 pass@1 on unseen dihedral and translate puzzles after 15 CPU minutes,
+benchmarks/RESULTS.md).
 This module gives the model those moves as a prior instead of asking it to discover them:
 
 - the bank: every map "one of the 8 grid symmetries, then a shift by (dy, dx), |dy|, |dx| ≤ k"
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from etrm.data.augment import NUM_DIHEDRAL, apply_dihedral
-from etrm.data.encoding import CANVAS, COLOR_OFFSET, EOS_TOKEN, PAD_TOKEN
+from etrm.data.encoding import CANVAS, COLOR_OFFSET, EOS_TOKEN, PAD_TOKEN, VOCAB_SIZE
 from etrm.models.layers import CastedEmbedding
 
 
@@ -117,7 +118,7 @@ def transform_canvases(tokens: torch.Tensor, maps: torch.Tensor, side: int) -> t
     side×side corner of the result's canvas (colours, EOS below and right of the grid, PAD elsewhere).
 
     Where each cell comes from depends only on the grid's shape, so it is worked out once per
-    distinct shape of the batch; each grid is then one gather.
+    distinct shape of the batch (`torch.unique`: one host sync on a GPU); each grid is then one gather.
     """
     n = tokens.shape[0]
     is_colour = tokens.view(n, CANVAS, CANVAS) >= COLOR_OFFSET
@@ -174,10 +175,11 @@ class GridMapBank(nn.Module):
         super().__init__()
         self.side = side
         self.register_buffer("maps", map_bank(max_shift), persistent=False)
-        # Start decisive: a map explaining every demo outweighs one that misses 10% of a demo's cells by e².
-        self.score_weights = nn.Parameter(torch.full((2,), 1.0))
+        # Start decisive (weights 10 and 10): a map explaining every demo outweighs one that misses a
+        # tenth of one demo's cells by a logit of more than 1.
+        self.score_weights = nn.Parameter(torch.full((2,), 10.0 / self.SCORE_SCALE))
         std = 1.0 / math.sqrt(hidden_size)
-        self.candidate_embedding = CastedEmbedding(12, hidden_size, std)
+        self.candidate_embedding = CastedEmbedding(VOCAB_SIZE, hidden_size, std)
         self.confidence = nn.Parameter(torch.zeros(hidden_size))
 
     def forward(
