@@ -1,8 +1,9 @@
 """Context modules: turn a batch's demos (or its puzzle id) into the decoder's prefix context.
 
 Every demo encoder reads `demo_inputs`, `demo_outputs` [B, D, 900] and `demo_mask` [B, D] and
-returns `(context [B, context_len, hidden], kl [B] or None)`; with `arch.cell_lookup` the context
-also holds, after those slots, one vector per cell of the decoder's canvas (`CellLookup`). They
+returns `(context [B, context_len, hidden], kl [B] or None)`; with `arch.cell_lookup` or
+`arch.grid_maps` the context also holds, after those slots, one vector per cell of the decoder's
+canvas (the sum of `CellLookup`'s and `GridMapBank`'s). They
 share one per-demo grid transformer (`encoder_parts.DemoGridEncoder`) and differ in how the
 demos are combined:
 
