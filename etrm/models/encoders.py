@@ -55,16 +55,11 @@ class DemoEncoder(nn.Module, abc.ABC):
             arch.rms_norm_eps,
             grid_coords=arch.grid_coords,
         )
+        side = math.isqrt(arch.seq_len)  # the decoder's canvas, whose cells the per-cell parts answer
         self.cell_lookup = (
-            CellLookup(self.width, self.num_heads, arch.hidden_size, math.isqrt(arch.seq_len))
-            if arch.cell_lookup
-            else None
+            CellLookup(self.width, self.num_heads, arch.hidden_size, side) if arch.cell_lookup else None
         )
-        self.grid_maps = (
-            GridMapBank(arch.hidden_size, math.isqrt(arch.seq_len), arch.grid_map_shift)
-            if arch.grid_maps
-            else None
-        )
+        self.grid_maps = GridMapBank(arch.hidden_size, side, arch.grid_map_shift) if arch.grid_maps else None
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         present = batch["demo_mask"].bool()
@@ -73,16 +68,16 @@ class DemoEncoder(nn.Module, abc.ABC):
             # Encode one empty slot anyway (its result is zeroed below) so no tensor has a zero batch size.
             present = torch.zeros_like(present)
             present[0, 0] = True
-        inputs, outputs = batch["demo_inputs"], batch["demo_outputs"]
+        inputs, outputs = batch["demo_inputs"][present], batch["demo_outputs"][present]
         with_cells = self.cell_lookup is not None
-        states, attend, *cells = self.grid_encoder(inputs[present], outputs[present], with_cells)
+        states, attend, *cells = self.grid_encoder(inputs, outputs, with_cells)
         context, kl = self.combine(states, attend, present)
         per_cell = None
         if with_cells:
             packed = pack_present(present, states, attend, *cells)
             per_cell = self.cell_lookup(self.grid_encoder, batch["inputs"], *packed)
         if self.grid_maps is not None:
-            proposed = self.grid_maps(inputs[present], outputs[present], present, batch["inputs"])
+            proposed = self.grid_maps(inputs, outputs, present, batch["inputs"])
             per_cell = proposed if per_cell is None else per_cell + proposed.to(per_cell.dtype)
         if per_cell is not None:
             context = torch.cat((context, per_cell.to(context.dtype)), dim=1)

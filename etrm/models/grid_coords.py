@@ -26,13 +26,17 @@ def canvas_corner(tokens: torch.Tensor, side: int) -> torch.Tensor:
     return tokens.view(-1, CANVAS, CANVAS)[:, :side, :side].reshape(tokens.shape[0], side * side)
 
 
+def grid_shape(tokens: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens [N, side·side] (a grid at the top-left of a side×side canvas) → (height [N], width [N])."""
+    cells = tokens.view(-1, side, side) >= COLOR_OFFSET
+    return cells.any(dim=2).sum(dim=1), cells.any(dim=1).sum(dim=1)
+
+
 def grid_coordinates(tokens: torch.Tensor, side: int) -> torch.Tensor:
     """tokens [N, side·side] (a grid at the top-left of a side×side canvas) → [N, side·side, 4] int64:
     (row from the top, column from the left, rows below, columns to the right) inside the grid, OUTSIDE elsewhere.
     """
-    cells = tokens.view(-1, side, side) >= COLOR_OFFSET
-    height = cells.any(dim=2).sum(dim=1).view(-1, 1, 1)
-    width = cells.any(dim=1).sum(dim=1).view(-1, 1, 1)
+    height, width = (extent.view(-1, 1, 1) for extent in grid_shape(tokens, side))
     row = torch.arange(side, device=tokens.device).view(1, side, 1)
     col = torch.arange(side, device=tokens.device).view(1, 1, side)
     shape = (tokens.shape[0], side, side)

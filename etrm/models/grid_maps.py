@@ -36,6 +36,8 @@ from torch import nn
 
 from etrm.data.augment import NUM_DIHEDRAL, apply_dihedral
 from etrm.data.encoding import CANVAS, COLOR_OFFSET, EOS_TOKEN, PAD_TOKEN, VOCAB_SIZE
+from etrm.models.encoder_parts import mean_over_present
+from etrm.models.grid_coords import canvas_corner, grid_shape
 from etrm.models.layers import CastedEmbedding
 
 
@@ -121,8 +123,7 @@ def transform_canvases(tokens: torch.Tensor, maps: torch.Tensor, side: int) -> t
     distinct shape of the batch (`torch.unique`: one host sync on a GPU); each grid is then one gather.
     """
     n = tokens.shape[0]
-    is_colour = tokens.view(n, CANVAS, CANVAS) >= COLOR_OFFSET
-    height, width = is_colour.any(dim=2).sum(dim=1), is_colour.any(dim=1).sum(dim=1)
+    height, width = grid_shape(tokens, CANVAS)
     shapes, which = torch.unique(height * (CANVAS + 1) + width, return_inverse=True)
     sources = source_cells(shapes // (CANVAS + 1), shapes % (CANVAS + 1), maps, side)  # [U, R, S]
     fillers = torch.tensor(_FILLERS, dtype=torch.uint8, device=tokens.device).expand(n, -1)
@@ -145,11 +146,8 @@ def demo_agreement(
     )  # [N, R]
     b, r = present.shape[0], maps.shape[0]
     owner = present.nonzero()[:, 0]
-    counts = present.sum(dim=1, keepdim=True).float()
-    mean = fraction.new_zeros(b, r).index_add_(0, owner, fraction) / counts.clamp(min=1)
     low = fraction.new_ones(b, r).scatter_reduce(0, owner[:, None].expand(-1, r), fraction, "amin")
-    has = counts > 0
-    return torch.where(has, mean, 0.0), torch.where(has, low, 0.0)
+    return mean_over_present(fraction, present), torch.where(present.any(dim=1, keepdim=True), low, 0.0)
 
 
 def _chunk_rows(maps: torch.Tensor, side: int) -> int:
@@ -160,7 +158,7 @@ def _match_fraction(
     inputs: torch.Tensor, outputs: torch.Tensor, maps: torch.Tensor, side: int
 ) -> torch.Tensor:
     candidates = transform_canvases(inputs, maps, side)
-    target = outputs.view(-1, CANVAS, CANVAS)[:, :side, :side].reshape(-1, 1, side * side).to(torch.uint8)
+    target = canvas_corner(outputs, side).to(torch.uint8)[:, None, :]
     counted = (candidates != PAD_TOKEN) | (target != PAD_TOKEN)
     hits = ((candidates == target) & counted).sum(dim=2)
     return hits.float() / counted.sum(dim=2).clamp(min=1).float()
