@@ -295,3 +295,56 @@ def test_open_rejects_non_datasets(sources, tmp_path):
     (tmp_path / "ds/test/shapes.npy").unlink()
     with pytest.raises(EtrmError, match="shapes.npy: missing"):
         ArcDataset.open(tmp_path / "ds").split("test")
+
+
+def sized_task(shapes, seed):
+    """A random task whose grids (demo 0 input, demo 0 output, ..., query input, output) have these shapes."""
+    rng = np.random.default_rng(seed)
+    grids = [rng.integers(0, 10, shape).tolist() for shape in shapes]
+    pairs = [{"input": grids[i], "output": grids[i + 1]} for i in range(0, len(grids), 2)]
+    return {"train": pairs[:-1], "test": pairs[-1:]}
+
+
+def test_max_grid_keeps_exactly_the_puzzles_whose_grids_all_fit(tmp_path):
+    train = write_tasks(
+        tmp_path / "train",
+        {
+            "fits": sized_task([(3, 4), (4, 3), (5, 5), (2, 2)], 1),
+            "edge": sized_task([(6, 6), (6, 1), (6, 6), (1, 6)], 2),  # exactly 6×6: kept
+            "wide_query_output": sized_task([(3, 3), (3, 3), (2, 2), (2, 7)], 3),
+            "tall_demo_input": sized_task([(7, 1), (3, 3), (2, 2), (2, 2)], 4),
+        },
+    )
+    test = write_tasks(
+        tmp_path / "test",
+        {
+            "t_fits": sized_task([(1, 2), (2, 1), (3, 3), (1, 1)], 5),
+            "t_large_demo_output": sized_task([(2, 2), (7, 7), (2, 2), (2, 2)], 6),
+        },
+    )
+    manifest = build(train, test, tmp_path / "ds", max_grid=6)
+    dataset = ArcDataset.open(tmp_path / "ds")
+    assert dataset.split("train").puzzle_ids == ["edge", "fits"]
+    assert dataset.split("test").puzzle_ids == ["t_fits"]
+    assert manifest["max_grid"] == 6
+    assert manifest["dropped_over_max_grid"] == {
+        "train": ["tall_demo_input", "wide_query_output"],
+        "test": ["t_large_demo_output"],
+    }
+    assert manifest["counts"]["train"]["puzzles"] == 2 and manifest["counts"]["test"]["puzzles"] == 1
+    everything = build(train, test, tmp_path / "all")  # no --max-grid: nothing dropped for size
+    assert everything["max_grid"] is None and everything["dropped_over_max_grid"] == {"train": [], "test": []}
+    assert everything["counts"]["train"]["puzzles"] == 4
+
+    info = run_cli("info", str(tmp_path / "ds"))
+    assert "--max-grid 6: dropped 2 training and 1 test puzzles with a grid over 6×6" in info.stdout
+    for bad in ("0", "31", "-1"):
+        r = run_cli("build", "--train-source", str(train), "--test-source", str(test), "--max-grid", bad,
+                    "--out", str(tmp_path / f"bad{bad}"))  # fmt: skip
+        assert (
+            r.returncode == 2
+            and r.stderr.strip() == f"error: --max-grid {bad}: must be 1-30 (cells on a side)"
+        )
+        assert not (tmp_path / f"bad{bad}").exists()
+    with pytest.raises(EtrmError, match="nothing left to build"):
+        build(train, test, tmp_path / "none", max_grid=1)

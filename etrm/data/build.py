@@ -36,7 +36,7 @@ from etrm.data.augment import (
     task_seed,
 )
 from etrm.data.encoding import encode_grid
-from etrm.data.sources import ArcTask, Source, load_source
+from etrm.data.sources import MAX_GRID_SIDE, ArcTask, Source, load_source
 from etrm.errors import EtrmError
 from etrm.io import atomic_dir, atomic_write_bytes, atomic_write_json
 
@@ -72,6 +72,7 @@ class BuildOptions:
     strict: bool = False
     max_puzzles: int = 0  # per side, 0 = all (for quick experiments)
     overwrite: bool = False
+    max_grid: int | None = None  # keep puzzles whose every grid fits max_grid × max_grid (None = all)
 
 
 class _Group(NamedTuple):
@@ -90,6 +91,8 @@ def build_dataset(options: BuildOptions, progress=None) -> dict:
         raise EtrmError(f"--num-aug {options.num_aug}: need at least 1 (augmentation 0 is the identity)")
     if not options.train_sources or not options.test_sources:
         raise EtrmError("need at least one training source and one test source")
+    if options.max_grid is not None and not 1 <= options.max_grid <= MAX_GRID_SIDE:
+        raise EtrmError(f"--max-grid {options.max_grid}: must be 1-{MAX_GRID_SIDE} (cells on a side)")
     out = Path(options.out)
     if out.exists() and not options.overwrite:
         raise EtrmError(f"--out {out}: already exists (pass --overwrite to replace it)")
@@ -103,6 +106,9 @@ def build_dataset(options: BuildOptions, progress=None) -> dict:
     train_tasks, duplicates = _unique_tasks(sources["train"])
     test_tasks, test_duplicates = _unique_tasks(sources["test"])
     duplicates += test_duplicates
+    too_large = {}
+    train_tasks, too_large["train"] = _fit_grids(train_tasks, options.max_grid)
+    test_tasks, too_large["test"] = _fit_grids(test_tasks, options.max_grid)
     if options.max_puzzles:
         train_tasks, test_tasks = train_tasks[: options.max_puzzles], test_tasks[: options.max_puzzles]
 
@@ -130,7 +136,9 @@ def build_dataset(options: BuildOptions, progress=None) -> dict:
     train_groups = [_Group(t, t.demos, t.queries) for t in train_tasks] + extra_train_groups
     test_groups = [_Group(t, t.demos, t.queries) for t in test_tasks]
     if not train_groups or not test_groups:
-        raise EtrmError("nothing left to build: a side has no puzzles (after the leakage guard)")
+        raise EtrmError(
+            "nothing left to build: a side has no puzzles (after --max-grid and the leakage guard)"
+        )
 
     # One table per task, from all its pairs: under --split trm a test puzzle's train-side demos
     # group shares its augmentations (and so its identifiers) with the test group.
@@ -159,9 +167,11 @@ def build_dataset(options: BuildOptions, progress=None) -> dict:
         "seed": options.seed,
         "num_aug": options.num_aug,
         "max_puzzles": options.max_puzzles,
+        "max_grid": options.max_grid,
         "counts": {"train": _counts(train_groups, tables), "test": _counts(test_groups, tables)},
         "dropped_for_leakage": leaked,
         "dropped_duplicates": duplicates,
+        "dropped_over_max_grid": too_large,
         "num_puzzle_identifiers": 1 + num_train_augs,
         "files": {},
     }
@@ -226,6 +236,17 @@ def _unique_tasks(sources: list[Source]) -> tuple[list[ArcTask], list[dict]]:
             seen[task.task_id] = source.spec
             tasks.append(task)
     return tasks, duplicates
+
+
+def _fit_grids(tasks: list[ArcTask], side: int | None) -> tuple[list[ArcTask], list[str]]:
+    """(tasks whose every demo and query grid, input and output, fits side × side; ids of the rest)."""
+    if side is None:
+        return tasks, []
+    kept, dropped = [], []
+    for task in tasks:
+        fits = all(max(grid.shape) <= side for pair in task.pairs for grid in pair)
+        (kept if fits else dropped).append(task)
+    return kept, [task.task_id for task in dropped]
 
 
 def _drop_leaked(train_tasks: list[ArcTask], test_tasks: list[ArcTask]) -> tuple[list[ArcTask], list[dict]]:

@@ -52,6 +52,12 @@ def build_command(
     max_puzzles: int = typer.Option(
         0, "--max-puzzles", help="Keep the first N puzzles of each side (0 = all)."
     ),
+    max_grid: int | None = typer.Option(
+        None,
+        "--max-grid",
+        help="Keep only puzzles whose every grid (demos and queries, inputs and outputs) fits N×N, on both "
+        "sides (1-30; for small-canvas runs).",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
@@ -68,7 +74,9 @@ def build_command(
         if train_sources or test_sources:
             raise EtrmError("--out is required with --train-source/--test-source")
         out = Path("data") / (source or "arc-agi-1")
-    options = BuildOptions(train, test, out, num_aug, seed, split, strict, max_puzzles, overwrite)
+    options = BuildOptions(
+        train, test, out, num_aug, seed, split, strict, max_puzzles, overwrite, max_grid=max_grid
+    )
     with make_progress(transient=True) as progress:
         manifest = build_dataset(options, progress)
     if as_json:
@@ -164,6 +172,12 @@ def _print_summary(manifest: dict, path: Path, with_sources: bool = False) -> No
     for entry in leaked:
         console.print(
             f"  {entry['task']} ({entry['source']}) shares pairs with test {', '.join(entry['matches'])}"
+        )
+    if manifest.get("max_grid") is not None:  # datasets built before --max-grid have no such key
+        dropped = manifest["dropped_over_max_grid"]
+        console.print(
+            f"--max-grid {manifest['max_grid']}: dropped {len(dropped['train'])} training and "
+            f"{len(dropped['test'])} test puzzles with a grid over {manifest['max_grid']}×{manifest['max_grid']}"
         )
     if manifest["dropped_duplicates"]:
         console.print(f"dropped duplicate task ids: {len(manifest['dropped_duplicates'])}")
