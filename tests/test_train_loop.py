@@ -277,3 +277,40 @@ def test_cli_extends_a_finished_run(data, tmp_path, capsys):
     assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 2
     assert json.loads((run / "run_info.json").read_text())["preset"] == "SF5"
     assert rows[-1]["epoch"] == 2.0
+
+
+def test_eval_split_train_scores_the_groups_the_run_trained_on(data, tmp_path, capsys):
+    """Train EM means the groups trained on: `etrm eval --split train` of a run on 2 of the 4 training
+    puzzles scores those 2, says so, and matches the evaluation inside training and `etrm report`."""
+    from etrm.cli import main
+    from etrm.diagnose.runs import load_run
+    from etrm.report.summary import summarize
+
+    def cli(*args):
+        try:
+            main(list(args))
+        except SystemExit as e:
+            assert e.code == 0, capsys.readouterr().err
+        return capsys.readouterr().out
+
+    extra = ["data.max_train_groups=2", "train.eval_interval=1", "train.max_steps=4"]
+    run = train(tiny_config("cpu-smoke", data, *extra), tmp_path / "run", progress=False)
+    in_training = [r for r in read_metrics(run) if "eval/train_em" in r][-1]
+    assert in_training["step"] == 4  # 2 groups × 4 pairs / batch 4 = 2 steps per epoch
+    test_eval = (run / in_training["eval/results"]).read_text()
+
+    text = " ".join(cli("eval", str(run), "--split", "train", "--no-vote").split())
+    assert "scored the 2 training puzzles the run trained on (data.max_train_groups=2) of 4" in text
+    results = json.loads((run / "eval" / "step-4-train" / "results.json").read_text())
+    assert results["split"] == "train" and list(results["puzzles"]) == ["a000", "a001"]
+    assert results["metrics"]["num_queries"] == 2
+    assert results["metrics"]["train_em"] == in_training["eval/train_em"]
+    assert summarize(load_run(run)).train_em == in_training["eval/train_em"]
+    assert (run / in_training["eval/results"]).read_text() == test_eval  # the test evaluation stays
+
+    everything = cli("eval", str(run), "--split", "train", "--no-vote", "--all-groups", "--json",
+                     "--out", str(tmp_path / "all"))  # fmt: skip
+    assert json.loads(everything)["num_puzzles"] == 4
+    with pytest.raises(SystemExit) as error:
+        main(["eval", str(run), "--all-groups"])
+    assert error.value.code == 2 and "--all-groups goes with --split train" in capsys.readouterr().err

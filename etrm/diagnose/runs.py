@@ -76,7 +76,7 @@ class Run:
         """The newest evaluation whose results.json is on disk, for per-puzzle analysis."""
         candidates = [self.results_path(r) for r in sorted(self.eval_rows, key=lambda r: -r["step"])]
         on_disk = sorted(
-            (self.path / "eval").glob(f"step-*/{RESULTS_FILE}"),
+            (p for p in (self.path / "eval").glob(f"step-*/{RESULTS_FILE}") if _step_of(p.parent.name) >= 0),
             key=lambda p: _step_of(p.parent.name),
             reverse=True,
         )

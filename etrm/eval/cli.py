@@ -19,7 +19,15 @@ def eval_command(
     ),
     data: Path | None = typer.Option(None, "--data", help="Dataset folder (default: the run's data.path)."),
     split: str = typer.Option(
-        "test", "--split", help="test: unseen puzzles; train: training puzzles' held-out pairs."
+        "test",
+        "--split",
+        help="test: unseen puzzles; train: held-out pairs of the training puzzles the run trained on "
+        "(its data.max_train_groups first groups when set).",
+    ),
+    all_groups: bool = typer.Option(
+        False,
+        "--all-groups",
+        help="With --split train: score every training puzzle of the dataset, not only those the run trained on.",
     ),
     vote: bool = typer.Option(
         True, "--vote/--no-vote", help="Vote over augmentations, or score the identity augmentation alone."
@@ -57,18 +65,26 @@ def eval_command(
         raise EtrmError(f"--batch-size must be ≥ 1, got {batch_size}")
     if split not in SPLITS:
         raise EtrmError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if all_groups and (split != "train" or tasks or from_predictions is not None):
+        raise EtrmError("--all-groups goes with --split train on a run, without --task")
     ks = tuple(ks) if ks else KS
     if from_predictions is not None:
         if run is not None:
             raise EtrmError("give either RUN_OR_CHECKPOINT or --from-predictions, not both")
-        result = _revote(from_predictions, num_aug if vote else 1, tasks or None, ks)
+        result, scope = _revote(from_predictions, num_aug if vote else 1, tasks or None, ks), ""
     else:
         if run is None:
             raise EtrmError("missing RUN_OR_CHECKPOINT (or --from-predictions predictions.npz)")
-        result, out = _run_model(run, data, split, vote, num_aug, batch_size, device, ema, out, ks, tasks)
+        result, out, scope = _run_model(
+            run, data, split, vote, num_aug, batch_size, device, ema, out, ks, tasks, all_groups
+        )
     if out is not None:
         result.write(out)
     _show(result, out, as_json)
+    if scope and not as_json:
+        from etrm.console import console
+
+        console.print(scope)
 
 
 def _revote(path: Path, num_aug: int, tasks: list[str] | None, ks: tuple[int, ...]):
@@ -77,10 +93,14 @@ def _revote(path: Path, num_aug: int, tasks: list[str] | None, ks: tuple[int, ..
     return EvalResult.from_predictions_file(path, num_aug=num_aug, task_ids=tasks, ks=ks)
 
 
-def _run_model(run, data, split, vote, num_aug, batch_size, device, ema, out, ks, tasks=None):
-    """(EvalResult, output folder) of a checkpoint on its (or the given) dataset."""
+def _run_model(
+    run, data, split, vote, num_aug, batch_size, device, ema, out, ks, tasks=None, all_groups=False
+):
+    """(EvalResult, output folder, which training groups were scored) of a checkpoint on its (or the
+    given) dataset."""
     import torch
 
+    from etrm.data.dataset import ArcDataset
     from etrm.eval.inference import evaluate
     from etrm.train.checkpoint import load_for_inference, resolve_checkpoint
 
@@ -89,6 +109,9 @@ def _run_model(run, data, split, vote, num_aug, batch_size, device, ema, out, ks
     data = data if data is not None else Path(cfg.data.path)
     if not data.is_dir():
         raise EtrmError(f"dataset folder {data} not found (set --data)")
+    scored, scope = tasks, ""
+    if split == "train" and not tasks:
+        scored, scope = _training_groups(ArcDataset.open(data), cfg.data.max_train_groups, all_groups)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -106,11 +129,34 @@ def _run_model(run, data, split, vote, num_aug, batch_size, device, ema, out, ks
         vote=vote,
         step=step,
         ks=ks,
-        task_ids=tasks,
+        task_ids=scored,
     )
     if out is None and tasks:
-        return result, None  # a few puzzles' scores must not replace the checkpoint's full evaluation
-    return result, out if out is not None else checkpoint.parent / "eval" / checkpoint.name
+        return result, None, scope  # a few puzzles' scores must not replace the checkpoint's full evaluation
+    # Train EM goes beside the checkpoint's test evaluation, which `etrm report` reads, not over it.
+    name = checkpoint.name if split == "test" else f"{checkpoint.name}-{split}"
+    return result, out if out is not None else checkpoint.parent / "eval" / name, scope
+
+
+def _training_groups(dataset, max_train_groups: int, all_groups: bool) -> tuple[list[str] | None, str]:
+    """(puzzles to score, None = the whole split; a line saying which) for train EM: by default the
+    groups the run trained on, as the evaluation inside training scores them."""
+    from etrm.data.dataset import first_groups
+
+    train = dataset.split("train")
+    trained = first_groups(train, max_train_groups).puzzle_ids
+    total = len(train.puzzle_ids)
+    if len(trained) == total:
+        return None, f"scored all {total} training puzzles: the run trained on all of them"
+    if all_groups:
+        return None, (
+            f"scored all {total} training puzzles (--all-groups); the run trained on the first "
+            f"{len(trained)} (data.max_train_groups={max_train_groups})"
+        )
+    return trained, (
+        f"scored the {len(trained)} training puzzles the run trained on (data.max_train_groups="
+        f"{max_train_groups}) of {total}; --all-groups scores all"
+    )
 
 
 def _show(result, out: Path | None, as_json: bool) -> None:

@@ -26,6 +26,7 @@ from torch import nn
 from etrm import __version__
 from etrm.config import RunConfig, apply_overrides, config_to_dict, load_config
 from etrm.console import err_console, make_progress
+from etrm.data.dataset import first_groups
 from etrm.errors import EtrmError
 from etrm.io import atomic_write_json
 from etrm.train import checkpoint as ckpt_io
@@ -128,13 +129,6 @@ class Window:
 
     def as_state(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-def first_groups(split, n: int):
-    """The first `n` puzzle groups of a split, as a Split of its own (overfit presets train on 32 groups)."""
-    if n <= 0 or n >= len(split.puzzle_ids):
-        return split
-    return split.subset(range(n))
 
 
 class Trainer:
