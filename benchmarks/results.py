@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import platform
 from collections.abc import Sequence
@@ -60,3 +62,14 @@ def append_table_rows(
     header = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines = ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
     append_to_section(heading, lines, intro=[*intro, *([""] if intro else []), *header])
+
+
+def append_csv_rows(path: Path, columns: Sequence[str], rows: Sequence[dict]) -> None:
+    """Append raw rows to a CSV (header written when the file is new), the summary tables' source."""
+    existing = path.read_text() if path.exists() else ""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    if not existing:
+        writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, (existing + buffer.getvalue()).encode())
