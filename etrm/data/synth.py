@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from etrm.data.augment import NUM_DIHEDRAL, apply_dihedral
+from etrm.data.augment import NUM_DIHEDRAL, apply_dihedral, check_seed
 from etrm.data.build import pair_key
 from etrm.errors import EtrmError
-from etrm.io import atomic_dir, atomic_write_json
+from etrm.io import atomic_dir, atomic_write_json, check_replaceable
 
 Grid = np.ndarray
 Pair = tuple[Grid, Grid]
@@ -627,8 +627,10 @@ def write_synthetic(
     train_families, held_families = split_families(chosen, holdout, test_families)
     if train_per_family < 1 or test_per_family < 1:
         raise EtrmError("--train-puzzles and --test-puzzles must be at least 1")
+    check_seed(seed)
     if out.exists() and not overwrite:
         raise EtrmError(f"--out {out}: already exists (pass --overwrite to replace it)")
+    check_replaceable(out, "synthetic task", owned_files=_synthetic_files)
     splits = synthesize_puzzles(
         train_families, held_families, train_per_family, test_per_family, grid_size, seed
     )
@@ -645,10 +647,19 @@ def write_synthetic(
             for tid, p in puzzles.items()
         },
     }
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind="synthetic task", owned_files=_synthetic_files) as tmp:
         for split, puzzles in splits.items():
             (tmp / split).mkdir()
             for tid, puzzle in puzzles.items():
                 (tmp / split / f"{tid}.json").write_text(json.dumps(puzzle.to_arc(), separators=(",", ":")))
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
     return manifest
+
+
+def _synthetic_files(folder: Path, kind: str) -> set[str] | None:
+    """A folder of synthetic tasks is recognised by its manifest, which names every task file."""
+    try:
+        tasks = json.loads((folder / MANIFEST_NAME).read_text())["tasks"]
+        return {f"{t['split']}/{tid}.json" for tid, t in tasks.items()} | {MANIFEST_NAME}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from etrm.errors import EtrmError
+from etrm.io import check_replaceable
 
 SPLITS = ("test", "train")
 
@@ -58,6 +59,8 @@ def eval_command(
     if split not in SPLITS:
         raise EtrmError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     ks = tuple(ks) if ks else KS
+    if out is not None:
+        check_replaceable(out, "eval")
     if from_predictions is not None:
         if run is not None:
             raise EtrmError("give either RUN_OR_CHECKPOINT or --from-predictions, not both")

@@ -109,7 +109,7 @@ class EvalResult:
         """results.json, predictions.npz, submission.json and submission.csv, as one atomic folder."""
         out_dir = Path(out_dir)
         attempts = self.attempts()
-        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        with atomic_dir(out_dir, overwrite=overwrite, kind="eval") as tmp:
             atomic_write_json(tmp / "results.json", self.results_json())
             self.predictions.save(tmp / "predictions.npz")
             atomic_write_json(tmp / "submission.json", arc_prize_submission(attempts), indent=None)
