@@ -350,6 +350,8 @@ def load_config(path: str | Path, base: RunConfig | None = None) -> RunConfig:
         raise EtrmError(f"config file {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EtrmError(f"config file {path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise EtrmError(f"config file {path}: JSON nested too deeply to be a config") from None
     return config_from_dict(data, str(path), base)
 
 

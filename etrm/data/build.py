@@ -222,19 +222,22 @@ def resolve_sources(source: str | None, train: list[str], test: list[str]) -> tu
 
 
 def pair_key(input_grid: np.ndarray, output_grid: np.ndarray) -> bytes:
-    """A hash of a grid pair that is the same for every rotation, reflection and colour permutation
-    of it, so that an augmented copy of a test pair is caught too."""
+    """A hash of a grid pair that is the same for every rotation, reflection and permutation of all 10
+    colours (0 included) of it, and for the pair with input and output swapped, so that an augmented,
+    recoloured or reversed copy of a test pair is caught too."""
     best = None
     for dihedral in range(NUM_DIHEDRAL):
-        moved = [np.ascontiguousarray(apply_dihedral(g, dihedral)) for g in (input_grid, output_grid)]
-        cells = np.concatenate([m.ravel() for m in moved])
-        # Relabel non-zero colours by order of first appearance (0 stays 0).
-        order = [c for c in dict.fromkeys(cells.tolist()) if c != 0]
-        relabel = np.zeros(10, np.uint8)
-        relabel[order] = np.arange(1, len(order) + 1)
-        canonical = b"".join(bytes(m.shape) + relabel[m].tobytes() for m in moved)
-        if best is None or canonical < best:
-            best = canonical
+        moved = [
+            np.ascontiguousarray(apply_dihedral(g, dihedral), np.uint8) for g in (input_grid, output_grid)
+        ]
+        for first, second in (moved, moved[::-1]):
+            cells = first.tobytes() + second.tobytes()
+            relabel = bytearray(range(256))  # colours renumbered by order of first appearance
+            for new, old in enumerate(dict.fromkeys(cells)):
+                relabel[old] = new
+            canonical = bytes(first.shape) + bytes(second.shape) + cells.translate(relabel)
+            if best is None or canonical < best:
+                best = canonical
     return hashlib.sha256(best).digest()
 
 
