@@ -1,8 +1,9 @@
 """Atomic writes: a reader never sees a half-written file or folder.
 
-A folder is written under an OS lock beside it (a second writer is refused, and temporary
-folders that a killed writer left are removed), and a command replaces only an empty folder
-or its own earlier output, recognised by the marker file it leaves there.
+A command's output folder (dataset, eval, report) is written under an OS lock beside it (a
+second writer is refused, and temporary folders that a killed writer left are removed), and
+a command replaces only an empty folder or its own earlier output, recognised by the marker
+file (or manifest) it leaves there.
 """
 
 from __future__ import annotations
@@ -127,10 +128,11 @@ def atomic_dir(
 ) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to `final` only if the block succeeds.
 
-    With `kind`, an existing `final` is replaced only when `check_replaceable` allows it, and the folder
-    gets a marker listing its files (unless `owned_files` recognises the output by a file of its own)."""
+    With `kind` (a command's output), `final` is written under `output_lock`, an existing `final` is
+    replaced only when `check_replaceable` allows it, and the folder gets a marker listing its files
+    (unless `owned_files` recognises the output by a file of its own)."""
     final = Path(final)
-    with output_lock(final):
+    with output_lock(final) if kind is not None else contextlib.nullcontext():
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only; the result is an ordinary folder
         try:
