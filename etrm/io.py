@@ -2,8 +2,8 @@
 
 A command's output folder (dataset, eval, report) is written under an OS lock beside it (a
 second writer is refused, and temporary folders that a killed writer left are removed), and
-a command replaces only an empty folder or its own earlier output, recognised by the marker
-file (or manifest) it leaves there.
+a command replaces only an empty folder or its own earlier output, recognised by the manifest
+it leaves there.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from etrm.errors import EtrmError
 
-OUTPUT_MARKER = ".etrm-output"  # JSON {"kind", "files"}: what the command that wrote the folder put there
 _held_locks: set[Path] = set()  # output folders this process is writing (the lock is re-entrant)
 
 
@@ -78,72 +78,72 @@ def files_under(folder: Path) -> set[str]:
     return found
 
 
-def marked_files(folder: Path, kind: str) -> set[str] | None:
-    """What a `kind` command wrote in `folder` by its marker, or None when no such marker is there."""
-    try:
-        marker = json.loads((folder / OUTPUT_MARKER).read_text())
-        if marker["kind"] == kind:
-            return {str(f) for f in marker["files"]} | {OUTPUT_MARKER}
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
+@dataclass(frozen=True)
+class Output:
+    """A kind of command output, recognised by the JSON manifest it writes: `listed(manifest)` gives
+    the other files it wrote (None: the manifest is not one of this kind's)."""
+
+    kind: str
+    manifest: str
+    listed: Callable[[Any], Iterable[str] | None]
+
+    def files(self, folder: Path) -> set[str] | None:
+        """Every file such a command wrote in `folder`, or None when `folder` is not such an output."""
+        try:
+            listed = self.listed(json.loads((folder / self.manifest).read_text()))
+            return None if listed is None else {str(f) for f in listed} | {self.manifest}
+        except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
+            return None
 
 
-OwnedFiles = Callable[[Path, str], "set[str] | None"]
-
-
-def check_replaceable(
-    path: str | os.PathLike, kind: str, option: str = "--out", owned_files: OwnedFiles = marked_files
-) -> None:
+def check_replaceable(path: str | os.PathLike, output: Output, option: str = "--out") -> None:
     """A command replaces only an empty folder or its own earlier output (with nothing added to it);
     for anything else it stops with one line naming the folder."""
     path = Path(path)
     where = f"{option} {path}"
     if Path.cwd().resolve().is_relative_to(path.resolve()):
-        raise EtrmError(f"{where}: is the current folder or holds it; choose a new folder for the {kind}")
+        raise EtrmError(
+            f"{where}: is the current folder or holds it; choose a new folder for the {output.kind}"
+        )
     if not os.path.lexists(path):
         return
     if path.is_symlink() or not path.is_dir():
-        raise EtrmError(f"{where}: exists and is not a folder; choose a new folder for the {kind}")
+        raise EtrmError(f"{where}: exists and is not a folder; choose a new folder for the {output.kind}")
     present = files_under(path)
     if not present:
         return
-    owned = owned_files(path, kind)
+    owned = output.files(path)
     if owned is None:
         raise EtrmError(
-            f"{where}: exists and is not an etrm {kind} folder; choose a new folder (nothing was deleted)"
+            f"{where}: exists and is not an etrm {output.kind} folder; choose a new folder (nothing was deleted)"
         )
     foreign = sorted(present - owned)
     if foreign:
         listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise EtrmError(f"{where}: holds files the {kind} did not write ({listed}); choose a new folder")
+        raise EtrmError(
+            f"{where}: holds files the {output.kind} did not write ({listed}); choose a new folder"
+        )
 
 
 @contextlib.contextmanager
 def atomic_dir(
-    final: str | os.PathLike,
-    overwrite: bool = False,
-    kind: str | None = None,
-    owned_files: OwnedFiles | None = None,
+    final: str | os.PathLike, overwrite: bool = False, output: Output | None = None
 ) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to `final` only if the block succeeds.
 
-    With `kind` (a command's output), `final` is written under `output_lock`, an existing `final` is
-    replaced only when `check_replaceable` allows it, and the folder gets a marker listing its files
-    (unless `owned_files` recognises the output by a file of its own)."""
+    With `output` (a command's output folder), `final` is written under `output_lock` and an existing
+    `final` is replaced only when `check_replaceable` allows it."""
     final = Path(final)
-    with output_lock(final) if kind is not None else contextlib.nullcontext():
+    with output_lock(final) if output is not None else contextlib.nullcontext():
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only; the result is an ordinary folder
         try:
             yield tmp
-            if kind is not None and owned_files is None:
-                atomic_write_json(tmp / OUTPUT_MARKER, {"kind": kind, "files": sorted(files_under(tmp))})
             if os.path.lexists(final):
                 if not overwrite:
                     raise FileExistsError(f"{final} already exists")
-                if kind is not None:
-                    check_replaceable(final, kind, owned_files=owned_files or marked_files)
+                if output is not None:
+                    check_replaceable(final, output)
                 old = final.with_name(f".{final.name}.old-{os.getpid()}")
                 os.replace(final, old)
                 os.replace(tmp, final)

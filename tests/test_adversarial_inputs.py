@@ -152,6 +152,14 @@ def build_over_a_folder_holding_its_source(tmp_path, sources, monkeypatch):
     return build_args(train, test, tmp_path, "--overwrite"), f"holds the source {train}", train / "tr0.json"
 
 
+def synth_over_other_folder(tmp_path, sources, monkeypatch):
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    args = ["data", "synth", "--out", other, "--overwrite", "--train-puzzles", 1, "--test-puzzles", 1]
+    return args, str(other), other / "notes.txt"
+
+
 def report_over_foreign_files(tmp_path, sources, monkeypatch):
     run = make_run(tmp_path, "A", test_em=[0.1])
     out = tmp_path / "docs"
@@ -227,6 +235,7 @@ CASES = [
     build_over_a_file,
     build_over_its_source,
     build_over_a_folder_holding_its_source,
+    synth_over_other_folder,
     report_over_foreign_files,
     build_negative_max_puzzles,
     build_negative_seed,
@@ -333,7 +342,12 @@ def test_eval_replaces_its_own_output_but_not_files_added_to_it(capsys, tmp_path
     for _ in range(2):  # writing twice replaces the first output
         code, _, err = etrm(capsys, "eval", "--from-predictions", npz, "--out", out)
         assert code == 0, err
-    assert json.loads((out / ".etrm-output").read_text())["kind"] == "eval"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "predictions.npz",
+        "results.json",
+        "submission.csv",
+        "submission.json",
+    ]
     (out / "notes.txt").write_text("mine")
     line = assert_refused(capsys, str(out), "eval", "--from-predictions", npz, "--out", out)
     assert "notes.txt" in line and (out / "notes.txt").read_text() == "mine"

@@ -45,7 +45,6 @@ def test_revote_on_a_subset_writes_files(capsys, npz, tmp_path):
     assert list(results["puzzles"]) == ["p2"] and results["num_aug"] == 2
     assert results["metrics"]["pass@2"] == 0.5 and results["metrics"]["num_puzzles"] == 1
     assert sorted(p.name for p in out.iterdir()) == [
-        ".etrm-output",
         "predictions.npz",
         "results.json",
         "submission.csv",

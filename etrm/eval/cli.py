@@ -50,6 +50,7 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
     """Vote over augmented predictions and score pass@k; write results.json, predictions.npz and submissions."""
+    from etrm.eval.results import EVAL_OUTPUT
     from etrm.eval.voting import KS
 
     if num_aug < 0:
@@ -60,7 +61,7 @@ def eval_command(
         raise EtrmError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     ks = tuple(ks) if ks else KS
     if out is not None:
-        check_replaceable(out, "eval")
+        check_replaceable(out, EVAL_OUTPUT)
     if from_predictions is not None:
         if run is not None:
             raise EtrmError("give either RUN_OR_CHECKPOINT or --from-predictions, not both")

@@ -18,7 +18,7 @@ from etrm.diagnose.act import act_stats
 from etrm.diagnose.grad_health import grad_health
 from etrm.diagnose.runs import Run, finite_values, load_run, mean
 from etrm.errors import EtrmError
-from etrm.io import atomic_dir, atomic_write_json, check_replaceable
+from etrm.io import Output, atomic_dir, atomic_write_json, check_replaceable
 from etrm.report import failures as fa
 from etrm.report.selection import MAX_GAP, Selection, select_winner
 from etrm.report.summary import RunSummary, summarize
@@ -27,6 +27,8 @@ PlotJob = tuple[str, str, Callable[[Path], Path]]  # caption, file name, draw in
 
 REPORT_FILE = "report.md"
 SUMMARY_FILE = "summary.json"
+# A report folder is recognised by its summary.json, which names its plots.
+REPORT_OUTPUT = Output("report", SUMMARY_FILE, lambda summary: [REPORT_FILE, *summary["plots"].values()])
 GALLERY_PUZZLES = 4
 GALLERY_DEMOS = 3
 
@@ -78,7 +80,7 @@ def build_report(
 ) -> Report:
     """Read the runs, select the winner, draw the plots and write report.md + summary.json into `out`."""
     out = Path(out)
-    check_replaceable(out, "report")
+    check_replaceable(out, REPORT_OUTPUT)
     runs = load_runs(paths)
     healths = [grad_health(r) for r in runs]
     acts = [act_stats(r) for r in runs]
@@ -133,7 +135,7 @@ def build_report(
     if results:
         sections.append((report.failure_plots, _failure_plots(report, results, data)))
 
-    with atomic_dir(out, overwrite=True, kind="report") as tmp, make_progress() as progress:
+    with atomic_dir(out, overwrite=True, output=REPORT_OUTPUT) as tmp, make_progress() as progress:
         task = progress.add_task("report", total=sum(len(d) for _, d in sections), info="")
         for drawn, plot_list in sections:
             for caption, file_name, plot in plot_list:
