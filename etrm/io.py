@@ -68,7 +68,7 @@ def output_lock(final: str | os.PathLike) -> Iterator[None]:
         os.close(fd)
 
 
-def files_under(folder: Path) -> set[str]:
+def _files_under(folder: Path) -> set[str]:
     """Relative paths of everything but sub-folders below `folder` (links are not followed)."""
     found = set()
     for root, dirs, files in os.walk(folder):
@@ -109,7 +109,7 @@ def check_replaceable(path: str | os.PathLike, output: Output, option: str = "--
         return
     if path.is_symlink() or not path.is_dir():
         raise EtrmError(f"{where}: exists and is not a folder; choose a new folder for the {output.kind}")
-    present = files_under(path)
+    present = _files_under(path)
     if not present:
         return
     owned = output.files(path)

@@ -18,6 +18,7 @@ from etrm.config import RunConfig, apply_overrides
 from etrm.data.build import BuildOptions, build_dataset, pair_key
 from etrm.data.dataset import ArcDataset
 from etrm.errors import EtrmError
+from etrm.io import output_lock
 from etrm.report.build import build_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,6 +153,13 @@ def build_over_a_folder_holding_its_source(tmp_path, sources, monkeypatch):
     return build_args(train, test, tmp_path, "--overwrite"), f"holds the source {train}", train / "tr0.json"
 
 
+def build_over_the_current_folder(tmp_path, sources, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return build_args(*sources, ".", "--overwrite"), "--out .: is the current folder", None
+
+
 def synth_over_other_folder(tmp_path, sources, monkeypatch):
     other = tmp_path / "notes"
     other.mkdir()
@@ -235,6 +243,7 @@ CASES = [
     build_over_a_file,
     build_over_its_source,
     build_over_a_folder_holding_its_source,
+    build_over_the_current_folder,
     synth_over_other_folder,
     report_over_foreign_files,
     build_negative_max_puzzles,
@@ -446,6 +455,23 @@ def test_a_second_build_into_the_same_folder_is_refused(capsys, sources, tmp_pat
         proc.wait()
     build(*sources, out)  # the kernel dropped the dead holder's lock
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "ready", "test", "train"]
+
+
+def test_output_lock_removes_only_the_stale_temps_of_its_folder(tmp_path):
+    names = [
+        ".ds.tmp-k3x_9",
+        ".ds.old-4242",
+        ".ds-b.tmp-k3x_9",
+        ".ds.tmp-x.tmp-y",
+        "ds.tmp-abc",
+        ".d.tmp-k3x",
+    ]
+    for name in names:
+        (tmp_path / name).mkdir()
+    with output_lock(tmp_path / "ds"):
+        with output_lock(tmp_path / "ds"):  # re-entrant within one process
+            assert (tmp_path / ".ds.etrm-lock").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
 
 
 # ----------------------------------------------------------------------------- leakage guard and sources
