@@ -134,6 +134,7 @@ def atomic_dir(
     With `output` (a command's output folder), `final` is written under `output_lock` and an existing
     `final` is replaced only when `check_replaceable` allows it."""
     final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(final) if output is not None else contextlib.nullcontext():
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only; the result is an ordinary folder

@@ -18,7 +18,7 @@ from etrm.config import RunConfig, apply_overrides
 from etrm.data.build import BuildOptions, build_dataset, pair_key
 from etrm.data.dataset import ArcDataset
 from etrm.errors import EtrmError
-from etrm.io import output_lock
+from etrm.io import atomic_dir, output_lock
 from etrm.report.build import build_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -472,6 +472,16 @@ def test_output_lock_removes_only_the_stale_temps_of_its_folder(tmp_path):
         with output_lock(tmp_path / "ds"):  # re-entrant within one process
             assert (tmp_path / ".ds.etrm-lock").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
+
+
+def test_atomic_dir_makes_missing_parents_with_and_without_an_output_kind(tmp_path):
+    from etrm.eval.results import EVAL_OUTPUT
+
+    for output in (None, EVAL_OUTPUT):
+        final = tmp_path / str(output is None) / "deep" / "out"
+        with atomic_dir(final, output=output) as tmp:
+            (tmp / "results.json").write_text("{}")
+        assert (final / "results.json").is_file() and hidden_entries(final.parent) == []
 
 
 # ----------------------------------------------------------------------------- leakage guard and sources
