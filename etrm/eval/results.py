@@ -13,9 +13,17 @@ from etrm.errors import EtrmError
 from etrm.eval.predictions import Predictions
 from etrm.eval.submission import Attempts, arc_prize_submission, kaggle_csv, two_attempts
 from etrm.eval.voting import KS, Ranking, Scores, score_predictions, vote
-from etrm.io import atomic_dir, atomic_write_json
+from etrm.io import Output, atomic_dir, atomic_write_json
 
 TOP_CANDIDATES = 10  # candidates per query kept in results.json
+# An eval folder is recognised by its results.json (with metrics); the other files have fixed names.
+EVAL_OUTPUT = Output(
+    "eval",
+    "results.json",
+    lambda results: (
+        ("predictions.npz", "submission.json", "submission.csv") if "metrics" in results else None
+    ),
+)
 
 
 class EvalResult:
@@ -109,7 +117,7 @@ class EvalResult:
         """results.json, predictions.npz, submission.json and submission.csv, as one atomic folder."""
         out_dir = Path(out_dir)
         attempts = self.attempts()
-        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        with atomic_dir(out_dir, overwrite=overwrite, output=EVAL_OUTPUT) as tmp:
             atomic_write_json(tmp / "results.json", self.results_json())
             self.predictions.save(tmp / "predictions.npz")
             atomic_write_json(tmp / "submission.json", arc_prize_submission(attempts), indent=None)

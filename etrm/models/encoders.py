@@ -135,10 +135,6 @@ class LpnVariationalEncoder(DemoEncoder):
 
 
 def build_encoder(arch: ArchConfig) -> nn.Module:
-    if not 1 <= arch.context_len <= arch.puzzle_emb_len:
-        raise EtrmError(
-            f"arch.context_len={arch.context_len} must be between 1 and arch.puzzle_emb_len={arch.puzzle_emb_len}"
-        )
     if arch.encoder_type == "puzzle_embedding":
         for option in ("cell_lookup", "grid_maps"):
             if getattr(arch, option):
@@ -148,16 +144,8 @@ def build_encoder(arch: ArchConfig) -> nn.Module:
         from etrm.models.puzzle_embedding import PuzzleEmbeddingContext
 
         return PuzzleEmbeddingContext(arch)
-    width = arch.encoder_hidden_size or arch.hidden_size
-    heads = arch.encoder_num_heads or arch.num_heads
-    if width % heads:
-        raise EtrmError(
-            f"arch.encoder_hidden_size={width} is not divisible by arch.encoder_num_heads={heads}"
-        )
     if not 0 <= arch.grid_map_shift <= 29:
         raise EtrmError(f"arch.grid_map_shift={arch.grid_map_shift} must be in 0..29")
-    if arch.encoder_num_layers < 1:
-        raise EtrmError(f"arch.encoder_num_layers={arch.encoder_num_layers} must be at least 1")
     if arch.encoder_type == "standard":
         return StandardEncoder(arch)
     if arch.encoder_type in ("hybrid_standard", "hybrid_variational"):

@@ -80,8 +80,6 @@ class Attention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.qkv_proj = CastedLinear(hidden_size, 3 * hidden_size, bias=False)

@@ -31,11 +31,6 @@ class PuzzleEmbeddingContext(nn.Module):
         self.hidden_size = arch.hidden_size
         self.embedding_dim = arch.puzzle_emb_ndim or arch.hidden_size
         self.num_slots = -(-self.embedding_dim // self.hidden_size)
-        if self.num_slots > arch.puzzle_emb_len:
-            raise EtrmError(
-                f"arch.puzzle_emb_ndim={self.embedding_dim} needs {self.num_slots} prefix slots "
-                f"but arch.puzzle_emb_len={arch.puzzle_emb_len}"
-            )
         self.register_buffer("weights", torch.zeros(arch.num_puzzle_identifiers, self.embedding_dim))
         # (ids, gathered rows) of each training forward since the last take_sparse_grads().
         self._gathered: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from etrm.config import ArchConfig
+from etrm.config import ArchConfig, RunConfig
 from etrm.errors import EtrmError
 from etrm.models.layers import swiglu_inner_size
 
@@ -190,16 +190,14 @@ def infer_trm_arch(
         expansion = (
             base.expansion if swiglu_inner_size(hidden, base.expansion) == inner else inner * 1.5 / hidden
         )
-    num_heads = base.num_heads
-    if hidden % num_heads:
-        raise EtrmError(
-            f"{ckpt.path}: hidden_size {hidden} is not divisible by num_heads={num_heads}; "
-            f"give the number of heads with --config"
-        )
     # Without a puzzle table the model still gets one (all zero, reported missing): the blank id only.
     table_fields = {"num_puzzle_identifiers": base.num_puzzle_identifiers or 1, "puzzle_emb_ndim": hidden}
     arch = replace(base, **(table_fields | found), expansion=expansion, encoder_type="puzzle_embedding")
     arch.context_len = -(-arch.puzzle_emb_ndim // hidden)
+    try:
+        RunConfig(arch=arch).validate()
+    except EtrmError as e:
+        raise EtrmError(f"{ckpt.path}: {e}") from None
     given = "config" if config is not None else "default"
     sources = dict.fromkeys(found, "checkpoint") | {"expansion": "checkpoint"}
     for name in (

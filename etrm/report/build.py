@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from etrm.diagnose.act import act_stats
 from etrm.diagnose.grad_health import grad_health
 from etrm.diagnose.runs import Run, finite_values, load_run, mean
 from etrm.errors import EtrmError
-from etrm.io import atomic_dir, atomic_write_json
+from etrm.io import Output, atomic_dir, atomic_write_json, check_replaceable
 from etrm.report import failures as fa
 from etrm.report.selection import MAX_GAP, Selection, select_winner
 from etrm.report.summary import RunSummary, summarize
@@ -26,6 +27,8 @@ PlotJob = tuple[str, str, Callable[[Path], Path]]  # caption, file name, draw in
 
 REPORT_FILE = "report.md"
 SUMMARY_FILE = "summary.json"
+# A report folder is recognised by its summary.json, which names its plots.
+REPORT_OUTPUT = Output("report", SUMMARY_FILE, lambda summary: [REPORT_FILE, *summary["plots"].values()])
 GALLERY_PUZZLES = 4
 GALLERY_DEMOS = 3
 
@@ -55,20 +58,18 @@ def load_runs(paths: list[str | os.PathLike]) -> list[Run]:
     if not paths:
         raise EtrmError("no run folders given; pass one or more, e.g. `etrm report runs/*`")
     runs = [load_run(p) for p in paths]
-    seen: dict[str, Path] = {}
+    folders: dict[Path, Path] = {}
     for run in runs:
-        if run.name in seen:
-            raise EtrmError(
-                f"run name {run.name!r} appears twice ({seen[run.name]} and {run.path}); names must be unique"
-            )
-        seen[run.name] = run.path
+        if run.path.resolve() in folders:
+            raise EtrmError(f"run folder {run.path} is given twice (also as {folders[run.path.resolve()]})")
+        folders[run.path.resolve()] = run.path
+    # One preset run twice with other overrides shares a run name: label those runs by their folders.
+    for label in (lambda r: r.path.resolve().name, lambda r: str(r.path)):
+        counts = Counter(r.name for r in runs)
+        for run in runs:
+            if counts[run.name] > 1:
+                run.name = label(run)
     return runs
-
-
-def _check_out(out: Path) -> None:
-    """Refuse to replace a folder that is not an earlier report (`--out .` must not wipe a project)."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT_FILE).is_file())):
-        raise EtrmError(f"--out {out} exists and is not an etrm report folder; choose a new folder")
 
 
 def build_report(
@@ -79,7 +80,7 @@ def build_report(
 ) -> Report:
     """Read the runs, select the winner, draw the plots and write report.md + summary.json into `out`."""
     out = Path(out)
-    _check_out(out)
+    check_replaceable(out, REPORT_OUTPUT)
     runs = load_runs(paths)
     healths = [grad_health(r) for r in runs]
     acts = [act_stats(r) for r in runs]
@@ -134,7 +135,7 @@ def build_report(
     if results:
         sections.append((report.failure_plots, _failure_plots(report, results, data)))
 
-    with atomic_dir(out, overwrite=True) as tmp, make_progress() as progress:
+    with atomic_dir(out, overwrite=True, output=REPORT_OUTPUT) as tmp, make_progress() as progress:
         task = progress.add_task("report", total=sum(len(d) for _, d in sections), info="")
         for drawn, plot_list in sections:
             for caption, file_name, plot in plot_list:

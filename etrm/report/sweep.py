@@ -28,7 +28,7 @@ def sweep_jobs(
     phase: str, nproc: int, runs_dir: str = "runs", overrides: list[str] | None = None
 ) -> list[Job]:
     """One job per preset of `phase`, in preset order, each writing to runs_dir/<run name>."""
-    from etrm.config import PRESETS, get_preset
+    from etrm.config import PRESETS, apply_overrides, get_preset
 
     if phase not in PHASES:
         raise EtrmError(f"unknown sweep {phase!r} (sweeps: {', '.join(PHASES)})")
@@ -38,7 +38,9 @@ def sweep_jobs(
     for name, info in PRESETS.items():
         if info.phase != phase:
             continue
-        logging = get_preset(name).logging
+        preset = get_preset(name)
+        apply_overrides(preset, overrides or [])  # a bad --set stops the sweep before any job runs
+        logging = preset.logging
         argv = ["torchrun", "--nproc-per-node", str(nproc), "-m", "etrm", "train", "--preset", name]
         argv += ["--out", f"{runs_dir.rstrip('/')}/{logging.run_name}"]
         for override in [
