@@ -82,7 +82,7 @@ def _run_model(run, data, split, vote, num_aug, batch_size, device, ema, out, ks
     import torch
 
     from etrm.eval.inference import evaluate
-    from etrm.train.checkpoint import load_for_inference, resolve_checkpoint
+    from etrm.runs.checkpoint import load_for_inference, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(run)
     model, cfg, step = load_for_inference(checkpoint, use_ema=ema)

@@ -28,7 +28,7 @@ from etrm.config import RunConfig, apply_overrides, config_to_dict, load_config
 from etrm.console import err_console, make_progress
 from etrm.errors import EtrmError
 from etrm.io import atomic_write_json
-from etrm.train import checkpoint as ckpt_io
+from etrm.runs import checkpoint as ckpt_io
 from etrm.train.distributed import (
     DistContext,
     all_reduce_grads_,
