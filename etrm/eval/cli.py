@@ -81,11 +81,13 @@ def _run_model(run, data, split, vote, num_aug, batch_size, device, ema, out, ks
     """(EvalResult, output folder) of a checkpoint on its (or the given) dataset."""
     import torch
 
+    from etrm.console import err_console
     from etrm.eval.inference import evaluate
-    from etrm.runs.checkpoint import load_for_inference, resolve_checkpoint
+    from etrm.runs.checkpoint import choose_weights, describe_weights, load_for_inference, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(run)
     model, cfg, step = load_for_inference(checkpoint, use_ema=ema)
+    err_console.print(f"evaluating the {describe_weights(choose_weights(checkpoint, ema))}", soft_wrap=True)
     data = data if data is not None else Path(cfg.data.path)
     if not data.is_dir():
         raise EtrmError(f"dataset folder {data} not found (set --data)")
@@ -95,6 +97,11 @@ def _run_model(run, data, split, vote, num_aug, batch_size, device, ema, out, ks
         device = torch.device(device)
     except RuntimeError as e:
         raise EtrmError(f"--device {device!r}: {e}") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise EtrmError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+            f"visible to torch; use --device cpu or auto"
+        )
     result = evaluate(
         model.to(device),
         data,
