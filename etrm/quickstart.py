@@ -136,7 +136,7 @@ def train_and_evaluate(cfg, run_dir: Path, eval_num_aug: int = EVAL_NUM_AUG, pro
     query with the final weights; the evaluation is written and logged as the training loop's own
     evaluations are, so `etrm report` reads the run like any other. Returns results.json's content."""
     from etrm.eval import evaluate
-    from etrm.train.checkpoint import load_for_inference, load_trainer_state, resolve_checkpoint
+    from etrm.runs.checkpoint import load_for_inference, load_trainer_state, resolve_checkpoint
     from etrm.train.loop import train
     from etrm.train.metrics import MetricsLogger
 

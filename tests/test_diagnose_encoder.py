@@ -94,7 +94,7 @@ def test_encoder_cli_on_a_tiny_checkpoint(tmp_path, per_cell):
     from etrm.config import apply_overrides, get_preset
     from etrm.data.build import BuildOptions, build_dataset
     from etrm.models import build_model
-    from etrm.train.checkpoint import save_checkpoint
+    from etrm.runs.checkpoint import save_checkpoint
 
     rng = np.random.default_rng(0)
     for side, count in (("train", 2), ("test", 3)):

@@ -175,7 +175,7 @@ def test_tiny_model_gives_identical_results_twice_and_keeps_its_mode(dataset):
 
 def test_cli_evaluates_a_checkpoint_and_writes_the_eval_folder(dataset, tmp_path, capsys):
     from etrm.cli import main
-    from etrm.train.checkpoint import save_checkpoint
+    from etrm.runs.checkpoint import save_checkpoint
 
     torch.manual_seed(1)
     cfg = RunConfig(arch=tiny_arch())
@@ -215,7 +215,7 @@ def test_task_subset_scores_those_puzzles_as_the_full_run_does(dataset):
 
 def test_cli_task_on_a_checkpoint_prints_and_writes_nothing_by_default(dataset, tmp_path, capsys):
     from etrm.cli import main
-    from etrm.train.checkpoint import save_checkpoint
+    from etrm.runs.checkpoint import save_checkpoint
 
     cfg = RunConfig(arch=tiny_arch())
     cfg.data.path = str(dataset.path)

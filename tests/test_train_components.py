@@ -9,7 +9,7 @@ import torch
 
 from etrm.config import get_preset
 from etrm.errors import EtrmError
-from etrm.train.checkpoint import (
+from etrm.runs.checkpoint import (
     complete_checkpoints,
     load_trainer_state,
     load_weights,

@@ -9,7 +9,7 @@ from train_helpers import build_tiny_dataset, tiny_config
 from etrm.config import apply_overrides
 from etrm.errors import EtrmError
 from etrm.models.losses import ACTLossHead
-from etrm.train.checkpoint import load_for_inference, load_trainer_state, load_weights
+from etrm.runs.checkpoint import load_for_inference, load_trainer_state, load_weights
 from etrm.train.loop import train
 from etrm.train.metrics import read_metrics
 

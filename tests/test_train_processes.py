@@ -12,7 +12,7 @@ from train_helpers import build_tiny_dataset, tiny_config
 
 from etrm.cli import main
 from etrm.config import config_to_dict
-from etrm.train.checkpoint import load_weights
+from etrm.runs.checkpoint import load_weights
 from etrm.train.loop import train
 from etrm.train.metrics import read_metrics
 

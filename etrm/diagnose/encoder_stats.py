@@ -138,7 +138,7 @@ def encoder_stats(
     from etrm.console import make_progress
     from etrm.data.dataset import ArcDataset
     from etrm.data.episodes import EpisodeSampler
-    from etrm.train.checkpoint import load_for_inference
+    from etrm.runs.checkpoint import load_for_inference
 
     if puzzles < 2 or augs < 2 or batch_size < 1:
         raise EtrmError(f"--puzzles {puzzles} and --augs {augs} must be at least 2, --batch-size at least 1")

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from etrm.errors import EtrmError
+from etrm.runs.folder import METRICS_FILE, RUN_INFO_FILE, read_metrics_file
 
-METRICS_FILE = "metrics.jsonl"
-RUN_INFO_FILE = "run_info.json"
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
 
@@ -101,35 +100,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
-def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows of a metrics.jsonl, and warnings.
-
-    A run killed while writing leaves a partial last line: it is dropped with a
-    warning. A bad line anywhere else means the file is corrupt and is an error.
-    """
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError as e:
-        raise EtrmError(f"{path}: cannot read ({e})") from e
-    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
-    rows: list[dict[str, Any]] = []
-    warnings: list[str] = []
-    for position, (line_no, line) in enumerate(numbered):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if position == len(numbered) - 1:
-                warnings.append(
-                    f"{path}: last line {line_no} is truncated (run killed mid-write?); ignored it"
-                )
-                break
-            raise EtrmError(f"{path}: line {line_no} is not valid JSON ({e.msg})") from e
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            raise EtrmError(f"{path}: line {line_no} is not a metrics row (an object with an integer 'step')")
-        rows.append(row)
-    return rows, warnings
-
-
 def _is_eval_row(row: dict[str, Any]) -> bool:
     return any(key.startswith("eval/") for key in row)
 
@@ -152,7 +122,7 @@ def load_run(path: str | os.PathLike) -> Run:
         raise EtrmError(
             f"{path} is not a run folder: it has no {METRICS_FILE} (written by `etrm train --out`)"
         )
-    rows, warnings = read_metrics(metrics_path)
+    rows, warnings = read_metrics_file(metrics_path)
     if not rows:
         raise EtrmError(f"{metrics_path} has no metrics rows yet")
 

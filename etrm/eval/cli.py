@@ -104,12 +104,14 @@ def _run_model(
     given) dataset."""
     import torch
 
+    from etrm.console import err_console
     from etrm.data.dataset import ArcDataset
     from etrm.eval.inference import evaluate
-    from etrm.train.checkpoint import load_for_inference, resolve_checkpoint
+    from etrm.runs.checkpoint import choose_weights, describe_weights, load_for_inference, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(run)
     model, cfg, step = load_for_inference(checkpoint, use_ema=ema)
+    err_console.print(f"evaluating the {describe_weights(choose_weights(checkpoint, ema))}", soft_wrap=True)
     data = data if data is not None else Path(cfg.data.path)
     if not data.is_dir():
         raise EtrmError(f"dataset folder {data} not found (set --data)")
@@ -122,6 +124,11 @@ def _run_model(
         device = torch.device(device)
     except RuntimeError as e:
         raise EtrmError(f"--device {device!r}: {e}") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise EtrmError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+            f"visible to torch; use --device cpu or auto"
+        )
     result = evaluate(
         model.to(device),
         data,

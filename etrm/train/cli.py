@@ -76,6 +76,11 @@ def train_command(
         out = resume
     out = out or Path("runs") / (cfg.logging.run_name or preset or "run")
 
+    if nproc < 1 or cfg.train.global_batch_size % nproc:
+        raise EtrmError(
+            f"--nproc {nproc}: train.global_batch_size={cfg.train.global_batch_size} must split evenly "
+            f"over the processes (choose a divisor of it, or change the batch)"
+        )
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         from etrm.train.distributed import launch_torchrun
 

@@ -24,12 +24,13 @@ import torch
 from torch import nn
 
 from etrm import __version__
-from etrm.config import RunConfig, apply_overrides, config_to_dict, load_config
+from etrm.config import RunConfig, apply_overrides, config_to_dict
 from etrm.console import err_console, make_progress
 from etrm.data.dataset import first_groups
 from etrm.errors import EtrmError
 from etrm.io import atomic_write_json
-from etrm.train import checkpoint as ckpt_io
+from etrm.runs import checkpoint as ckpt_io
+from etrm.runs.folder import RunLock, claim_run_folder
 from etrm.train.distributed import (
     DistContext,
     all_reduce_grads_,
@@ -42,12 +43,23 @@ from etrm.train.distributed import (
     shutdown,
 )
 from etrm.train.ema import EMA
-from etrm.train.metrics import MetricsLogger
+from etrm.train.metrics import MetricsLogger, check_wandb_login
 from etrm.train.optim import build_optimizer
 from etrm.train.schedule import lr_factor
 
+# Optimisation settings a resumed run may change (to continue past a divergence, say): each change
+# is logged as a `resume_change` event, since it bends the training curves from that step on.
+OPTIMISATION_CHANGES = (
+    "train.lr",
+    "train.lr_min_ratio",
+    "train.lr_warmup_steps",
+    "train.grad_clip",
+    "train.encoder_lr_scale",
+    "train.puzzle_emb_lr",
+)
 # Config keys a resumed run may change; anything else would make the saved state meaningless.
 RESUMABLE_CHANGES = (
+    *OPTIMISATION_CHANGES,
     "train.epochs",
     "train.max_steps",
     "train.max_minutes",
@@ -87,16 +99,38 @@ def train(
     minutes, and always leaves a checkpoint of the last step.
     """
     ctx = init_distributed()
+    lock = None
     try:
+        lock = _claim(Path(out_dir), cfg, ctx, resume)
         trainer = Trainer(cfg, Path(out_dir), ctx, resume=resume, preset=preset)
         trainer.run(progress=progress and ctx.is_main)
     finally:
+        if lock is not None:
+            lock.release()
         shutdown(ctx)
     return Path(out_dir)
 
 
-def check_resume_compatible(saved: RunConfig, requested: RunConfig, run_dir: Path) -> None:
-    """Only schedule-length, evaluation, checkpointing and logging settings may change on resume."""
+def _claim(run_dir: Path, cfg: RunConfig, ctx: DistContext, resume: bool) -> RunLock | None:
+    """Rank 0 checks what would fail later and locks the run folder; every rank stops on its refusal."""
+    lock, refusal = None, None
+    if ctx.is_main:
+        try:
+            check_wandb_login(cfg)
+            lock = claim_run_folder(run_dir, resume=resume)
+        except EtrmError as e:
+            refusal = str(e)
+    refusal = broadcast_from_main(refusal, ctx)
+    if refusal is not None:
+        raise EtrmError(refusal)
+    return lock
+
+
+def check_resume_compatible(
+    saved: RunConfig, requested: RunConfig, run_dir: Path
+) -> list[tuple[str, Any, Any]]:
+    """Only optimisation, schedule-length, evaluation, checkpointing and logging settings may change
+    on resume; returns the optimisation changes as (key, saved value, requested value)."""
     saved_d, requested_d = config_to_dict(saved), config_to_dict(requested)
     changed = [
         f"{section}.{key}"
@@ -110,6 +144,51 @@ def check_resume_compatible(saved: RunConfig, requested: RunConfig, run_dir: Pat
             f"cannot resume {run_dir}: {details} differ from the run's config; "
             f"only {', '.join(RESUMABLE_CHANGES)} may change (start a new --out instead)"
         )
+    return [
+        (key, _get(saved_d, key), _get(requested_d, key))
+        for key in OPTIMISATION_CHANGES
+        if _get(saved_d, key) != _get(requested_d, key)
+    ]
+
+
+def check_same_dataset(recorded: dict[str, Any] | None, manifest: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse to resume on a dataset other than the one the checkpoint trained on, naming what changed.
+
+    The data files' checksums decide (a dataset moved elsewhere is the same); the manifest's other
+    entries say how it differs.
+    """
+    current = dataset_record(manifest)
+    if recorded is None or recorded.get("files") == current.get("files"):  # None: recorded before etrm did
+        return
+    changes = []
+    # The data files last: what made them differ (sources, seed, …) reads first.
+    for key in sorted(set(recorded) | set(current), key=lambda k: (k == "files", k)):
+        old, new = recorded.get(key), current.get(key)
+        if old == new:
+            continue
+        if key == "files":
+            old, new = old or {}, new or {}
+            differ = sorted(name for name in set(old) | set(new) if old.get(name) != new.get(name))
+            changes.append(f"files ({', '.join(differ)})")
+        elif key == "sources":
+            for side in sorted(set(old or {}) | set(new or {})):
+                before, after = (d.get(side, []) for d in (old or {}, new or {}))
+                if before != after:
+                    names = [", ".join(src["spec"] for src in srcs) or "none" for srcs in (before, after)]
+                    same = " (same names, other content)" if names[0] == names[1] else ""
+                    changes.append(f"sources.{side} ({names[0]} → {names[1]}){same}")
+        else:
+            changes.append(f"{key} ({old!r} → {new!r})")
+    if changes:
+        raise EtrmError(
+            f"cannot resume {checkpoint}: data.path holds another dataset than the one it trained on: "
+            f"{'; '.join(changes)} differ (point data.path at the original dataset)"
+        )
+
+
+def dataset_record(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records of its dataset: the manifest, less the version of etrm that built it."""
+    return {k: v for k, v in manifest.items() if k != "etrm_version"}
 
 
 def _get(d: dict, dotted: str) -> Any:
@@ -152,8 +231,12 @@ class Trainer:
         self.dataset = open_dataset(cfg.data.path)
         if cfg.arch.encoder_type == "puzzle_embedding":
             cfg.arch.num_puzzle_identifiers = int(self.dataset.manifest["num_puzzle_identifiers"])
+        self.resume_changes: list[tuple[str, Any, Any]] = []
         if start is not None:
-            check_resume_compatible(load_config(start / ckpt_io.CONFIG_FILE), cfg, run_dir)
+            self.resume_changes = check_resume_compatible(ckpt_io.load_checkpoint_config(start), cfg, run_dir)
+            check_same_dataset(
+                (ckpt_io.checkpoint_meta(start) or {}).get("dataset"), self.dataset.manifest, start
+            )
 
         _seed_everything(t.seed)
         self.model = build_model(cfg.arch).to(ctx.device)
@@ -198,27 +281,21 @@ class Trainer:
 
         self.logger = None
         if ctx.is_main:
-            self._write_run_info(preset)
             self.logger = MetricsLogger(run_dir, cfg, resume_step=self.step if start is not None else None)
+            self._write_run_info(preset)
+        for key, old, new in self.resume_changes:
+            self._log_event("resume_change", key=key, old=old, new=new)
 
     # ------------------------------------------------------------------ setup
 
     def _find_start(self, resume: bool) -> Path | None:
-        """The checkpoint to resume from (None for a fresh run); refuses to train over an existing run."""
-        if resume:
-            if self.ctx.is_main:
-                ckpt_io.remove_partial_checkpoints(self.run_dir)
-            barrier(self.ctx)
-            return ckpt_io.resolve_checkpoint(self.run_dir)
-        # Rank 0 decides: the other ranks must not see the files it is about to create.
-        taken = self.ctx.is_main and bool(
-            ckpt_io.complete_checkpoints(self.run_dir) or (self.run_dir / "metrics.jsonl").exists()
-        )
-        if broadcast_from_main(taken, self.ctx):
-            raise EtrmError(
-                f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} or choose another --out"
-            )
-        return None
+        """The checkpoint to resume from (None for a fresh run; `claim_run_folder` vetted the folder)."""
+        if not resume:
+            return None
+        if self.ctx.is_main:
+            ckpt_io.remove_partial_checkpoints(self.run_dir)
+        barrier(self.ctx)
+        return ckpt_io.resolve_checkpoint(self.run_dir)
 
     def _write_run_info(self, preset: str) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -259,7 +336,15 @@ class Trainer:
         return {"carry": carry, "sampler": self.sampler.state_dict(), "rng": _rng_state()}
 
     def save(self) -> None:
-        """Write step-N/ (rank 0), with every rank's carry, sampler position and RNG state."""
+        """Write step-N/ (rank 0), with every rank's carry, sampler position and RNG state.
+
+        Weights and optimizer state are the same on every rank, so every rank checks them and all
+        stop together rather than save a checkpoint that is not finite.
+        """
+        nonfinite = self._nonfinite_state()
+        if nonfinite:
+            self._log_event("nonfinite_state", tensors=nonfinite)
+            self._stop_nonfinite(f"non-finite values in {', '.join(nonfinite[:3])} after step {self.step}")
         ranks = gather_to_main(self._rank_state(), self.ctx)
         if self.ctx.is_main:
             state = {
@@ -282,8 +367,25 @@ class Trainer:
                 self.cfg,
                 state,
                 self.cfg.train.keep_checkpoints,
+                dataset=dataset_record(self.dataset.manifest),
             )
         barrier(self.ctx)
+
+    def _nonfinite_state(self) -> list[str]:
+        """Names of the weights, EMA weights and optimizer-state tensors holding NaN or inf."""
+        named = list(self.model.state_dict().items())
+        if self.ema is not None:
+            named += [(f"ema {k}", v) for k, v in self.ema.shadow.items()]
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        named += [
+            (f"optimizer {key} of {names.get(id(param), '?')}", value)
+            for param, state in self.optimizer.state.items()
+            for key, value in state.items()
+            if torch.is_tensor(value)
+        ]
+        return [
+            name for name, value in named if value.is_floating_point() and not torch.isfinite(value).all()
+        ]
 
     def _load(self, path: Path) -> None:
         from etrm.models import Carry
@@ -302,7 +404,10 @@ class Trainer:
             raise EtrmError(
                 f"cannot resume {path}: its weights do not fit the configured model ({e})"
             ) from None
+        base_lrs = [group["base_lr"] for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, base_lr in zip(self.optimizer.param_groups, base_lrs, strict=True):
+            group["base_lr"] = base_lr  # the configured rate: a resume may change train.lr
         self.step = int(state["step"])
         self.lr_scale = float(state["lr_scale"])
         self.prefix_rms = state["prefix_rms"]
@@ -351,9 +456,25 @@ class Trainer:
                     bar.update(task, completed=self.step)
             if self.last_checkpoint is None or ckpt_io.checkpoint_step(self.last_checkpoint) != self.step:
                 self.save()
+        except KeyboardInterrupt:
+            self._say_interrupted()
+            raise
         finally:
             if self.logger is not None:
                 self.logger.close()
+
+    def _say_interrupted(self) -> None:
+        """Ctrl-C: say which checkpoint a resume would continue from (the newest complete one)."""
+        if not self.ctx.is_main:
+            return
+        saved = ckpt_io.complete_checkpoints(self.run_dir)
+        kept = (
+            f"kept checkpoint {saved[-1]} (step {ckpt_io.checkpoint_step(saved[-1])}); "
+            f"continue with etrm train --resume {self.run_dir}"
+            if saved
+            else f"no checkpoint was kept in {self.run_dir}"
+        )
+        err_console.print(f"interrupted at step {self.step}: {kept}", soft_wrap=True)
 
     def _past(self, deadline: float) -> bool:
         """All ranks stop together: rank 0's clock decides."""
@@ -386,7 +507,10 @@ class Trainer:
 
         loss_per_sample = stats[0].item() / t.global_batch_size
         if not (math.isfinite(loss_per_sample) and math.isfinite(norms["total"])):
-            self._stop_nonfinite(loss_per_sample, norms["total"])
+            self._log_event("nonfinite_loss", loss=loss_per_sample, grad_norm=norms["total"])
+            self._stop_nonfinite(
+                f"non-finite loss ({loss_per_sample}) or gradient norm ({norms['total']}) at step {self.step + 1}"
+            )
         self._check_spike(loss_per_sample)
 
         factor = lr_factor(self.step + 1, t.lr_warmup_steps, self.total_steps, t.lr_min_ratio) * self.lr_scale
@@ -450,21 +574,34 @@ class Trainer:
                 )
         self.recent_losses.append(loss)
 
-    def _stop_nonfinite(self, loss: float, grad_norm: float) -> None:
-        self._log_event("nonfinite_loss", loss=loss, grad_norm=grad_norm)
+    def _stop_nonfinite(self, what: str) -> None:
+        """Stop with advice that works: resume the last checkpoint whose weights still gave a finite
+        loss, or start afresh when there is none."""
         if self.logger is not None:
             self.logger.close()
             self.logger = None
-        kept = (
-            f"the last good checkpoint is {self.last_checkpoint}"
-            if self.last_checkpoint
-            else "no checkpoint yet"
-        )
+        # A checkpoint of step s is good when step s + 1, computed from its weights, was finite.
+        saved = ckpt_io.complete_checkpoints(self.run_dir)
+        good = [c for c in saved if ckpt_io.checkpoint_step(c) < self.step]
+        bad = [c for c in saved if ckpt_io.checkpoint_step(c) >= self.step]
+        lower_lr = f"train.lr={self.cfg.train.lr / 10:g}"
+        if good:
+            advice = f"the last good checkpoint is {good[-1]}; "
+            advice += f"delete {bad[-1]} (its weights gave this), then " if bad else ""
+            advice += (
+                f"resume with a lower learning rate or clip: "
+                f"etrm train --resume {self.run_dir} --set {lower_lr} (or train.grad_clip=...)"
+            )
+        else:
+            held = f" ({bad[-1]} holds the weights that gave this)" if bad else ""
+            where = "a new --out" if bad else f"--out {self.run_dir} (it holds no checkpoint)"
+            advice = (
+                f"no good checkpoint{held}; start afresh in {where} "
+                f"with a lower learning rate, e.g. --set {lower_lr}"
+            )
         raise EtrmError(
-            f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {self.step + 1} "
-            f"(epoch {(self.step + 1) / self.steps_per_epoch:.2f}) in {self.run_dir}; stopped without saving, "
-            f"{kept}. Resume it with a lower train.lr or train.grad_clip "
-            f"(etrm train --resume {self.run_dir} --set train.lr=...) after checking the data."
+            f"{what} (epoch {(self.step + 1) / self.steps_per_epoch:.2f}) in {self.run_dir}; "
+            f"stopped without saving; {advice}. Check the data too."
         )
 
     def _accumulate(self, stats: torch.Tensor, norms: dict[str, float], factor: float) -> None:

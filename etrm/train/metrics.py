@@ -1,22 +1,25 @@
 """Metric logging: `metrics.jsonl` in the run folder is the source of truth; W&B mirrors it.
 
 W&B is imported only when enabled and writes its files into the run folder (`RUN/wandb/`),
-offline by default so no account is needed.
+offline by default so no account is needed; `online` is refused up front without an API key.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import netrc
 import numbers
+import os
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from etrm.config import RunConfig, config_to_dict
+from etrm.errors import EtrmError
 from etrm.io import atomic_write_bytes
-
-METRICS_FILE = "metrics.jsonl"
+from etrm.runs.folder import METRICS_FILE, read_metrics_file
 
 
 def _json_value(v: Any) -> Any:
@@ -40,14 +43,14 @@ class MetricsLogger:
             self._wandb_run = _start_wandb(Path(run_dir), cfg)
 
     def _truncate_after(self, step: int) -> None:
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a killed process
-        atomic_write_bytes(self.path, "".join(f"{line}\n" for line in kept).encode())
+        """Keep the rows up to the resumed checkpoint; a corrupt line is an error, a torn last one a warning."""
+        from etrm.console import err_console
+
+        rows, warnings = read_metrics_file(self.path)
+        for warning in warnings:
+            err_console.print(f"warning: {warning}", soft_wrap=True)
+        kept = [row for row in rows if row["step"] <= step]
+        atomic_write_bytes(self.path, "".join(json.dumps(row) + "\n" for row in kept).encode())
 
     def log(self, row: dict[str, Any]) -> None:
         row = {k: _json_value(v) for k, v in row.items()}
@@ -62,6 +65,23 @@ class MetricsLogger:
         if self._wandb_run is not None:
             self._wandb_run.finish()
             self._wandb_run = None
+
+
+def check_wandb_login(cfg: RunConfig) -> None:
+    """`logging.wandb=online` needs an API key (WANDB_API_KEY or `wandb login`'s netrc entry): refuse
+    before the run folder is made, not after, when `wandb.init` would fail."""
+    if cfg.logging.wandb != "online" or os.environ.get("WANDB_API_KEY"):
+        return
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc
+    try:
+        found = netrc.netrc(os.environ.get("NETRC")).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        found = None
+    if not found:
+        raise EtrmError(
+            "logging.wandb=online (--wandb online) needs a W&B API key: run `wandb login` or set "
+            "WANDB_API_KEY, or use --wandb offline"
+        )
 
 
 def _start_wandb(run_dir: Path, cfg: RunConfig):
