@@ -170,6 +170,8 @@ def first_groups(split: Split, n: int) -> Split:
     if n <= 0 or n >= len(split.puzzle_ids):
         return split
     return split.subset(range(n))
+
+
 def _check_grids(folder: Path, tokens: np.ndarray, shapes: np.ndarray) -> None:
     """Tokens the model can embed and grid sizes that fit the canvas, or one line naming the file."""
     if (
