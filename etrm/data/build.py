@@ -43,9 +43,10 @@ from etrm.io import atomic_dir, atomic_write_bytes, atomic_write_json
 FORMAT_VERSION = 1
 SPLIT_NAMES = ("train", "test")
 SPLIT_KINDS = ("fewshot", "trm")
-# `--source NAME` shorthands: (training specs, test specs).
+# `--source NAME` shorthands: (training specs, test specs). arc-agi-1 (the default) is the
+# experiment design's: ARC-AGI-1 training + ConceptARC → train, ARC-AGI-1 evaluation → test.
 SOURCE_PRESETS = {
-    "arc-agi-1": (["arc-agi-1-train"], ["arc-agi-1-eval"]),
+    "arc-agi-1": (["arc-agi-1-train", "conceptarc"], ["arc-agi-1-eval"]),
     "arc-agi-2": (["arc-agi-2-train"], ["arc-agi-2-eval"]),
 }
 SPLIT_FILES = (
