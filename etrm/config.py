@@ -18,6 +18,7 @@ from typing import Any
 from etrm.errors import EtrmError
 
 ENCODER_TYPES = ("standard", "hybrid_standard", "hybrid_variational", "lpn_var", "puzzle_embedding")
+VARIATIONAL_SAMPLE = ("auto", "always", "never")
 
 
 @dataclass
@@ -69,6 +70,9 @@ class ArchConfig:
     encoder_latent_dim: int = 0  # variational latent size; 0 = encoder hidden size
     encoder_reencode: bool = True
     kl_weight: float = 0.0
+    # Variational encoders in training: auto = sample z = μ + σε when kl_weight > 0, use μ when it is 0
+    # (KL 0 is deterministic, as the design's SF3/SF4 need); always | never force either. Eval uses μ.
+    variational_sample: str = "auto"
     # puzzle_embedding baseline
     puzzle_emb_ndim: int = 0  # 0 = hidden_size
     num_puzzle_identifiers: int = 0  # filled from the dataset manifest
@@ -230,6 +234,11 @@ def validate_config(cfg: RunConfig) -> None:
     a, t = cfg.arch, cfg.train
     checks = [
         (a.encoder_type in ENCODER_TYPES, "arch.encoder_type", f"one of {', '.join(ENCODER_TYPES)}"),
+        (
+            a.variational_sample in VARIATIONAL_SAMPLE,
+            "arch.variational_sample",
+            f"one of {', '.join(VARIATIONAL_SAMPLE)}",
+        ),
         (t.optimizer in OPTIMIZERS, "train.optimizer", f"one of {', '.join(OPTIMIZERS)}"),
         (cfg.logging.wandb in WANDB_MODES, "logging.wandb", f"one of {', '.join(WANDB_MODES)}"),
         (1 <= a.context_len <= a.puzzle_emb_len, "arch.context_len", f"between 1 and {a.puzzle_emb_len}"),
