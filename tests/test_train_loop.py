@@ -250,12 +250,37 @@ def test_pretrained_decoder_starts_from_the_trm_checkpoint(data, tmp_path):
     assert row["encoder/prefix_rms"] == pytest.approx(used.square().mean().sqrt().item(), rel=1e-6)
 
 
+def test_a_trm_checkpoint_is_a_foreign_decoder(data, tmp_path, capsys):
+    """Loaded exactly, with a warning that its training data is unknown; the run is not few-shot."""
+    from etrm.train.distributed import init_distributed, shutdown
+    from etrm.train.loop import Trainer
+
+    sizes = ["arch.hidden_size=64", "arch.num_heads=2", "arch.expansion=4", "arch.L_layers=2"]
+    cfg = tiny_config("SF2", data, *sizes, "arch.L_cycles=1", f"train.init_from={TRM_FIXTURE}")
+    ctx = init_distributed()
+    try:
+        trainer = Trainer(cfg, tmp_path / "run", ctx, preset="SF2")
+        trainer.logger.close()
+    finally:
+        shutdown(ctx)
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert "its training data is unknown" in err and "trained on the evaluation puzzles' demos" in err
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["decoder_provenance"] == "foreign" and info["fewshot"] is False
+    state = trainer.model.state_dict()
+    reference = torch.load(TRM_FIXTURE, weights_only=True)
+    for key, value in reference.items():
+        name = key.removeprefix("_orig_mod.model.inner.")
+        if name != "puzzle_emb.weights":
+            assert torch.equal(state[f"decoder.{name}"], value), name
+
+
 def test_cli_extends_a_finished_run(data, tmp_path, capsys):
     from etrm.cli import main
 
     run = tmp_path / "run"
     common = ["--set", f"data.path={data}", "--set", "arch.hidden_size=16", "--set", "arch.L_layers=1"]
-    common += ["--set", "train.eval_interval=0", "--set", "arch.seq_len=36"]
+    common += ["--set", "train.eval_interval=0", "--set", "arch.seq_len=36", "--set", "train.init_from=none"]
     main(
         [
             "train",

@@ -86,6 +86,11 @@ def build_report(
     summaries = [summarize(r, h, a) for r, h, a in zip(runs, healths, acts, strict=True)]
     report = Report(title, runs, summaries, select_winner(summaries))
     report.warnings = [w for r in runs for w in r.warnings]
+    report.warnings += [
+        f"{s.name} is not few-shot (decoder {s.decoder}): its weights saw test puzzles or data of unknown origin"
+        for s in summaries
+        if s.fewshot is False
+    ]
     results = {}
     for run in runs:
         latest = run.latest_results()
@@ -245,6 +250,7 @@ RANKING_COLUMNS = (
     "explore",
     "ACT",
     "evals",
+    "decoder",
 )
 
 
@@ -268,6 +274,7 @@ def ranking_rows(report: Report) -> list[dict[str, Any]]:
                 "explore": "—" if s.exploration is None else f"{s.exploration:g}",
                 "ACT": s.act_range,
                 "evals": s.evaluations,
+                "decoder": s.decoder + (" (NOT few-shot)" if s.fewshot is False else ""),
             }
         )
     return rows
@@ -340,7 +347,9 @@ def render_markdown(report: Report) -> str:
         "## Ranking",
         _markdown_table(ranking_rows(report), RANKING_COLUMNS),
         "Test EM is the last evaluation's pass@1; gap = train EM − test EM; slope = test EM change per 1000 "
-        "epochs over the last evaluations; grad ratio = encoder/total gradient norm before clipping, last window.",
+        "epochs over the last evaluations; grad ratio = encoder/total gradient norm before clipping, last window; "
+        "decoder = where the decoder's weights started (etrm:<run> pretrained by etrm on recorded data, foreign = "
+        "a checkpoint of unknown training data, none = from scratch).",
         "## Selection",
         "Rules applied in order:\n\n"
         + "\n".join(f"{i}. {line}" for i, line in enumerate(sel.reasoning, start=1)),

@@ -78,6 +78,10 @@ def train_command(
 
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         from etrm.train.distributed import launch_torchrun
+        from etrm.train.loop import require_decoder_choice
+
+        if resume is None:
+            require_decoder_choice(cfg, preset or "")
 
         args = ["train", "--size", size, "--out", str(out)]
         args += ["--preset", preset] if preset else []
