@@ -120,3 +120,22 @@ def test_sf2_from_scratch_on_purpose_records_provenance_none(data, tmp_path):
     run = train(tiny_config("SF2", data, "train.max_steps=1"), tmp_path / "run", preset="SF2", progress=False)
     info = json.loads((run / "run_info.json").read_text())
     assert info["decoder_provenance"] == "none" and info["fewshot"] is True
+
+
+def test_dry_run_prints_the_budget_of_the_config_on_its_dataset(data):
+    cli = subprocess.run(
+        [sys.executable, "-m", "etrm", "train", "--preset", "SF2", "--size", "cpu-smoke", "--dry-run"]
+        + ["--set", f"data.path={data}", "--set", "train.epochs=3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["logging"]["run_name"] == "SF2_hybrid_std_explore0.7"
+    err = " ".join(cli.stderr.split())
+    # 4 training puzzles × 4 pairs = 16 episodes an epoch; batch 4 → 4 steps; 3 epochs → 12 steps.
+    assert "training groups: 4, episodes per epoch: 16" in err
+    assert "steps per epoch: 4, epochs: 3, total optimizer steps: 12" in err
+    assert "samples (ACT steps × rows): 48" in err
+    assert "evaluations at epochs: 0, 1, 2, 3" in err
+    assert "one epoch here = 4.00 of its epochs" in err  # the public ETRM: one episode per group

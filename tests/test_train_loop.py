@@ -85,9 +85,10 @@ def test_each_preset_family_trains_and_logs(preset, extra, data, trm_data, tmp_p
     assert (last / "model.safetensors").is_file() and (last / "ema.safetensors").is_file()
     if preset == "SF1":
         evals = [r for r in rows if "eval/pass@1" in r]
-        assert [r["step"] for r in evals] == [4]  # 16 episodes / batch 4 = 4 steps per epoch
-        assert 0.0 <= evals[0]["eval/train_em"] <= 1.0
-        assert (run / evals[0]["eval/results"]).is_file()
+        # Before training, then every epoch: 16 episodes / batch 4 = 4 steps per epoch.
+        assert [r["step"] for r in evals] == [0, 4]
+        assert all(0.0 <= r["eval/train_em"] <= 1.0 and (run / r["eval/results"]).is_file() for r in evals)
+        assert (run / "eval" / "step-0" / "results.json").is_file()
     if preset == "trm":  # the puzzle-id table moved only through sign-SGD: some rows non-zero now
         table = load_weights(last / "model.safetensors")["encoder.weights"]
         assert table.abs().sum() > 0
@@ -208,6 +209,7 @@ def test_loss_spike_halves_the_learning_rate(data, tmp_path, monkeypatch):
         "train.max_steps=13",
         "train.global_batch_size=2",
         "train.lr_warmup_steps=0",
+        "train.lr_min_ratio=1",  # a constant LR, so that only the halving moves it
         "arch.halt_max_steps=1",
     )
     run = train(cfg, tmp_path / "run", progress=False)

@@ -375,6 +375,8 @@ class Trainer:
         try:
             with bar if progress else contextlib.nullcontext():
                 task = bar.add_task("train", total=end, completed=self.step, info="")
+                if eval_every and self.step == 0:  # the untrained model: the curve's first point
+                    self._evaluate()
                 while self.step < end:
                     self._train_step()
                     if self.step % self.cfg.logging.log_interval == 0:
