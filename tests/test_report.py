@@ -83,6 +83,7 @@ def test_report_markdown_has_every_section_and_plot(report_dir):
     assert "SF3 (grad ratio 0.100)" in text  # set aside by eligibility, with its value
     assert "Puzzles solved within 2 attempts: SF1 1/3, SF2 2/3" in text
     assert "etrm train --preset final --set arch.encoder_type=hybrid_standard" in text
+    assert "--set train.global_batch_size=128 --set train.init_from=none`" in text  # the winner's decoder
     for image in (
         "test_em",
         "learning_curves",

@@ -277,6 +277,36 @@ def test_a_trm_checkpoint_is_a_foreign_decoder(data, tmp_path, capsys):
             assert torch.equal(state[f"decoder.{name}"], value), name
 
 
+def test_a_decoder_descending_from_a_foreign_checkpoint_stays_not_few_shot(data, tmp_path, capsys):
+    sizes = [
+        "arch.hidden_size=64",
+        "arch.num_heads=2",
+        "arch.expansion=4",
+        "arch.L_layers=2",
+        "arch.L_cycles=1",
+    ]
+    first = train(
+        tiny_config(
+            "SF5",
+            data,
+            *sizes,
+            "train.max_steps=1",
+            f"train.init_from={TRM_FIXTURE}",
+            "logging.run_name=from-trm",
+        ),
+        tmp_path / "run-a",
+        progress=False,
+    )
+    second = train(
+        tiny_config("SF2", data, *sizes, "train.max_steps=1", f"train.init_from={first}"),
+        tmp_path / "second",
+        progress=False,
+    )
+    info = json.loads((second / "run_info.json").read_text())
+    assert info["decoder_provenance"] == "etrm:from-trm" and info["fewshot"] is False
+    assert "descends from a checkpoint of unknown training data" in " ".join(capsys.readouterr().err.split())
+
+
 def test_cli_extends_a_finished_run(data, tmp_path, capsys):
     from etrm.cli import main
 

@@ -294,6 +294,8 @@ def recommendations(report: Report) -> list[str]:
         batch = run.config_value("train", "global_batch_size")
         if batch is not None:
             overrides.append(f"train.global_batch_size={batch}")
+        # The final preset needs a decoder choice: the winner's own (its config's train.init_from).
+        overrides.append(f"train.init_from={run.config_value('train', 'init_from') or 'none'}")
         command = "etrm train --preset final " + " ".join(f"--set {o}" for o in overrides)
         out.append(f"Run the final (50k-epoch) training with {winner.name}'s configuration: `{command}`.")
     else:
