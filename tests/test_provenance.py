@@ -139,3 +139,13 @@ def test_dry_run_prints_the_budget_of_the_config_on_its_dataset(data):
     assert "samples (ACT steps × rows): 48" in err
     assert "evaluations at epochs: 0, 1, 2, 3" in err
     assert "one epoch here = 4.00 of its epochs" in err  # the public ETRM: one episode per group
+
+
+def test_resuming_onto_a_test_split_the_run_trained_on_is_refused(data, tmp_path):
+    test_task = json.loads((data.parent / "src_test" / "b001.json").read_text())
+    leaky = build_with_extra_training_task(data, tmp_path, "b001", test_task)
+    run = train(tiny_config("SF2", leaky, "train.max_steps=1"), tmp_path / "run", progress=False)
+    moved = tiny_config("SF2", data, "train.max_steps=2")
+    with pytest.raises(EtrmError, match=r"--resume .*run: the run was trained on 1 puzzle\(s\) .*: b001 "):
+        train(moved, run, resume=True, progress=False)
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-1"]

@@ -28,12 +28,15 @@ def dataset_record(dataset, train_split) -> dict:
         "fewshot": bool(manifest.get("fewshot", True)),
         "sources": manifest["sources"]["train"],
         "seed": manifest.get("seed"),
-        "manifest_sha256": hashlib.sha256(
-            json.dumps(manifest.get("files", {}), sort_keys=True).encode()
-        ).hexdigest(),
+        "manifest_sha256": manifest_sha256(manifest),
         "puzzle_ids": list(train_split.puzzle_ids),
         "pair_keys": sorted({pair_key(*pair).hex() for pair in pairs}),
     }
+
+
+def manifest_sha256(manifest: dict) -> str:
+    """One checksum for a built dataset: of its files' checksums (which the manifest lists)."""
+    return hashlib.sha256(json.dumps(manifest.get("files", {}), sort_keys=True).encode()).hexdigest()
 
 
 def overlap_with_test_split(records: list[dict], test_split) -> list[str]:

@@ -162,6 +162,7 @@ class Trainer:
             cfg.arch.num_puzzle_identifiers = int(self.dataset.manifest["num_puzzle_identifiers"])
         if start is not None:
             check_resume_compatible(load_config(start / ckpt_io.CONFIG_FILE), cfg, run_dir)
+            _check_resumed_data(run_dir, self.dataset)
 
         _seed_everything(t.seed)
         self.model = build_model(cfg.arch).to(ctx.device)
@@ -649,6 +650,18 @@ def require_decoder_choice(cfg: RunConfig, preset: str) -> None:
         )
 
 
+def _check_resumed_data(run_dir: Path, dataset) -> None:
+    """A resumed run may move to another data.path: what it trained on so far must not be in its test split."""
+    from etrm.data.provenance import manifest_sha256, read_training_data
+
+    record = read_training_data(run_dir)
+    if record is None:
+        return
+    current = manifest_sha256(dataset.manifest)
+    earlier = [d for d in record["datasets"] if d["manifest_sha256"] != current]
+    refuse_test_overlap(earlier, dataset.split("test"), f"--resume {run_dir}: the run")
+
+
 def _init_decoder(
     model: nn.Module, init_from: str, test_split, ctx: DistContext
 ) -> tuple[dict, float | None]:
@@ -670,7 +683,7 @@ def _init_decoder(
 
 def _init_decoder_from_etrm(model: nn.Module, path: Path, test_split, ctx: DistContext) -> dict:
     """Load the decoder of an etrm checkpoint (any encoder type); the encoder keeps its init."""
-    from etrm.data.provenance import overlap_with_test_split, read_training_data
+    from etrm.data.provenance import read_training_data
 
     step_dir = ckpt_io.resolve_checkpoint(path)
     run_dir = step_dir.parent
@@ -691,13 +704,7 @@ def _init_decoder_from_etrm(model: nn.Module, path: Path, test_split, ctx: DistC
         if ctx.is_main:
             err_console.print(FOREIGN_WARNING.format(path=path), markup=False, highlight=False)
         record = {"foreign": True, "datasets": []}
-    overlap = overlap_with_test_split(record["datasets"], test_split)
-    if overlap:
-        raise EtrmError(
-            f"train.init_from={path}: its decoder was trained on {len(overlap)} puzzle(s) of this run's test "
-            f"split: {'; '.join(overlap[:10])}{' ...' if len(overlap) > 10 else ''}; pretrain it on a build "
-            f"without them (etrm data build drops them from the training side)"
-        )
+    refuse_test_overlap(record["datasets"], test_split, f"train.init_from={path}: its decoder")
     model.load_state_dict(decoder, strict=False)
     name = _run_name(run_dir)
     if ctx.is_main:
@@ -718,6 +725,19 @@ def _init_decoder_from_etrm(model: nn.Module, path: Path, test_split, ctx: DistC
         "foreign": record["foreign"],
         "datasets": record["datasets"],
     }
+
+
+def refuse_test_overlap(datasets: list[dict], test_split, whose: str) -> None:
+    """An error naming the test puzzles that recorded training data shares an id or a grid pair with."""
+    from etrm.data.provenance import overlap_with_test_split
+
+    overlap = overlap_with_test_split(datasets, test_split)
+    if overlap:
+        raise EtrmError(
+            f"{whose} was trained on {len(overlap)} puzzle(s) of this run's test split: "
+            f"{'; '.join(overlap[:10])}{' ...' if len(overlap) > 10 else ''}; pretrain it on a build "
+            f"without them (etrm data build drops them from the training side)"
+        )
 
 
 def _run_name(run_dir: Path) -> str:
