@@ -134,7 +134,7 @@ def run_one(preset: str, data: Path, run_dir: Path, args) -> dict:
     from etrm.diagnose.grad_health import grad_health
     from etrm.diagnose.runs import load_run
     from etrm.eval import evaluate
-    from etrm.train.checkpoint import load_for_inference, load_trainer_state, resolve_checkpoint
+    from etrm.runs.checkpoint import load_for_inference, load_trainer_state, resolve_checkpoint
     from etrm.train.loop import train
     from etrm.train.metrics import MetricsLogger
 

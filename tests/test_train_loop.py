@@ -85,9 +85,10 @@ def test_each_preset_family_trains_and_logs(preset, extra, data, trm_data, tmp_p
     assert (last / "model.safetensors").is_file() and (last / "ema.safetensors").is_file()
     if preset == "SF1":
         evals = [r for r in rows if "eval/pass@1" in r]
-        assert [r["step"] for r in evals] == [4]  # 16 episodes / batch 4 = 4 steps per epoch
-        assert 0.0 <= evals[0]["eval/train_em"] <= 1.0
-        assert (run / evals[0]["eval/results"]).is_file()
+        # Before training, then every epoch: 16 episodes / batch 4 = 4 steps per epoch.
+        assert [r["step"] for r in evals] == [0, 4]
+        assert all(0.0 <= r["eval/train_em"] <= 1.0 and (run / r["eval/results"]).is_file() for r in evals)
+        assert (run / "eval" / "step-0" / "results.json").is_file()
     if preset == "trm":  # the puzzle-id table moved only through sign-SGD: some rows non-zero now
         table = load_weights(last / "model.safetensors")["encoder.weights"]
         assert table.abs().sum() > 0
@@ -208,6 +209,7 @@ def test_loss_spike_halves_the_learning_rate(data, tmp_path, monkeypatch):
         "train.max_steps=13",
         "train.global_batch_size=2",
         "train.lr_warmup_steps=0",
+        "train.lr_min_ratio=1",  # a constant LR, so that only the halving moves it
         "arch.halt_max_steps=1",
     )
     run = train(cfg, tmp_path / "run", progress=False)
@@ -250,12 +252,67 @@ def test_pretrained_decoder_starts_from_the_trm_checkpoint(data, tmp_path):
     assert row["encoder/prefix_rms"] == pytest.approx(used.square().mean().sqrt().item(), rel=1e-6)
 
 
+def test_a_trm_checkpoint_is_a_foreign_decoder(data, tmp_path, capsys):
+    """Loaded exactly, with a warning that its training data is unknown; the run is not few-shot."""
+    from etrm.train.distributed import init_distributed, shutdown
+    from etrm.train.loop import Trainer
+
+    sizes = ["arch.hidden_size=64", "arch.num_heads=2", "arch.expansion=4", "arch.L_layers=2"]
+    cfg = tiny_config("SF2", data, *sizes, "arch.L_cycles=1", f"train.init_from={TRM_FIXTURE}")
+    ctx = init_distributed()
+    try:
+        trainer = Trainer(cfg, tmp_path / "run", ctx, preset="SF2")
+        trainer.logger.close()
+    finally:
+        shutdown(ctx)
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert "its training data is unknown" in err and "trained on the evaluation puzzles' demos" in err
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["decoder_provenance"] == "foreign" and info["fewshot"] is False
+    state = trainer.model.state_dict()
+    reference = torch.load(TRM_FIXTURE, weights_only=True)
+    for key, value in reference.items():
+        name = key.removeprefix("_orig_mod.model.inner.")
+        if name != "puzzle_emb.weights":
+            assert torch.equal(state[f"decoder.{name}"], value), name
+
+
+def test_a_decoder_descending_from_a_foreign_checkpoint_stays_not_few_shot(data, tmp_path, capsys):
+    sizes = [
+        "arch.hidden_size=64",
+        "arch.num_heads=2",
+        "arch.expansion=4",
+        "arch.L_layers=2",
+        "arch.L_cycles=1",
+    ]
+    first = train(
+        tiny_config(
+            "SF5",
+            data,
+            *sizes,
+            "train.max_steps=1",
+            f"train.init_from={TRM_FIXTURE}",
+            "logging.run_name=from-trm",
+        ),
+        tmp_path / "run-a",
+        progress=False,
+    )
+    second = train(
+        tiny_config("SF2", data, *sizes, "train.max_steps=1", f"train.init_from={first}"),
+        tmp_path / "second",
+        progress=False,
+    )
+    info = json.loads((second / "run_info.json").read_text())
+    assert info["decoder_provenance"] == "etrm:from-trm" and info["fewshot"] is False
+    assert "descends from a checkpoint of unknown training data" in " ".join(capsys.readouterr().err.split())
+
+
 def test_cli_extends_a_finished_run(data, tmp_path, capsys):
     from etrm.cli import main
 
     run = tmp_path / "run"
     common = ["--set", f"data.path={data}", "--set", "arch.hidden_size=16", "--set", "arch.L_layers=1"]
-    common += ["--set", "train.eval_interval=0", "--set", "arch.seq_len=36"]
+    common += ["--set", "train.eval_interval=0", "--set", "arch.seq_len=36", "--set", "train.init_from=none"]
     main(
         [
             "train",

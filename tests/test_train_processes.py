@@ -146,6 +146,8 @@ def test_cli_errors_and_dry_run(capsys, tmp_path):
                 "SF2",
                 "--set",
                 f"data.path={tmp_path / 'none'}",
+                "--set",
+                "train.init_from=none",
                 "--out",
                 str(tmp_path / "r"),
             ]
@@ -184,3 +186,9 @@ def test_presets_listing(capsys):
     assert rows["trm"]["params"] == 6_829_058 and rows["trm"]["encoder_params"] == 0
     assert rows["SF5"]["encoder"] == "standard" and rows["SF5"]["batch"] == 256
     assert rows["SF1"]["params"] == 6_829_058 + rows["SF1"]["encoder_params"]
+    assert (rows["SF2"]["project"], rows["SF2"]["run_name"]) == (
+        "etrm-semi-final",
+        "SF2_hybrid_std_explore0.7",
+    )
+    assert rows["SF2"]["sources"]["train.lr_min_ratio"] == {"value": 0.1, "source": "our choice"}
+    assert "budget" in rows["SF2"]  # null until data/arc-agi-1 is built

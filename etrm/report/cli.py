@@ -50,19 +50,38 @@ def report_command(
 
 
 def _sweep(
-    phase: str, nproc: int, out: Path | None, run: bool, runs_dir: str, overrides: list[str], as_json: bool
+    phase: str,
+    decoder: str | None,
+    nproc: int | None,
+    gpus_per_job: int,
+    parallel: int,
+    out: Path | None,
+    run: bool,
+    runs_dir: str,
+    overrides: list[str],
+    as_json: bool,
 ):
     from etrm.io import atomic_write_bytes
     from etrm.report.sweep import run_jobs, sweep_jobs
 
-    jobs = sweep_jobs(phase, nproc, runs_dir, overrides)
+    nproc = nproc or gpus_per_job or 4
+    jobs = sweep_jobs(
+        phase, nproc, runs_dir, overrides, decoder=decoder, gpus_per_job=gpus_per_job, parallel=parallel
+    )
     if out is not None:
         atomic_write_bytes(out, "".join(job.command + "\n" for job in jobs).encode())
         console.print(f"wrote {len(jobs)} commands to {out}", markup=False)
     elif as_json:
         print_json(
             [
-                {"preset": j.preset, "run_name": j.run_name, "project": j.project, "command": j.command}
+                {
+                    "preset": j.preset,
+                    "run_name": j.run_name,
+                    "project": j.project,
+                    "env": j.env,
+                    "slot": j.slot,
+                    "command": j.command,
+                }
                 for j in jobs
             ]
         )
@@ -70,40 +89,58 @@ def _sweep(
         for job in jobs:
             typer.echo(job.command)
     if run:
-        run_jobs(jobs)
+        run_jobs(jobs, parallel)
 
 
-NPROC = typer.Option(4, "--nproc", help="Processes (GPUs) per job: torchrun --nproc-per-node.")
-OUT = typer.Option(None, "--out", help="Write the commands to this file, one per line.")
-RUN = typer.Option(False, "--run", help="Run the jobs one after another (stop at the first failure).")
-RUNS_DIR = typer.Option("runs", "--runs-dir", help="Each job writes its run folder under this folder.")
-SET = typer.Option(
-    [], "--set", help="Extra override for every job, e.g. train.init_from=trm.pt (repeatable)."
+NPROC = typer.Option(
+    None,
+    "--nproc",
+    help="Processes (GPUs) per job: torchrun --nproc-per-node (default --gpus-per-job, else 4).",
 )
+OUT = typer.Option(None, "--out", help="Write the commands to this file, one per line.")
+RUN = typer.Option(False, "--run", help="Run the jobs (--parallel at a time); report each job's exit status.")
+RUNS_DIR = typer.Option("runs", "--runs-dir", help="Each job writes its run folder under this folder.")
+SET = typer.Option([], "--set", help="Extra override for every job, e.g. train.lr=2e-4 (repeatable).")
+DECODER = typer.Option(
+    None,
+    "--decoder",
+    help="Every job's train.init_from: an etrm run (e.g. from `etrm train --preset trm`), a TRM checkpoint, "
+    "or none (from scratch, on purpose).",
+)
+GPUS_PER_JOB = typer.Option(
+    0, "--gpus-per-job", help="Give job i its own CUDA_VISIBLE_DEVICES block (block i mod --parallel)."
+)
+PARALLEL = typer.Option(1, "--parallel", help="Jobs running side by side (each with its own rendezvous).")
 JSON = typer.Option(False, "--json", help="Print the jobs as JSON.")
 
 
 @sweep_app.command("semi-final")
 def semi_final_command(
+    decoder: str = DECODER,
     nproc: int = NPROC,
+    gpus_per_job: int = GPUS_PER_JOB,
+    parallel: int = PARALLEL,
     out: Path = OUT,
     run: bool = RUN,
     runs_dir: str = RUNS_DIR,
     overrides: list[str] = SET,
     as_json: bool = JSON,
 ) -> None:
-    """The six semi-final jobs, SF1–SF6."""
-    _sweep("semi-final", nproc, out, run, runs_dir, overrides, as_json)
+    """The six semi-final jobs, SF1–SF6, from one pretrained decoder."""
+    _sweep("semi-final", decoder, nproc, gpus_per_job, parallel, out, run, runs_dir, overrides, as_json)
 
 
 @sweep_app.command("overfit")
 def overfit_command(
+    decoder: str = DECODER,
     nproc: int = NPROC,
+    gpus_per_job: int = GPUS_PER_JOB,
+    parallel: int = PARALLEL,
     out: Path = OUT,
     run: bool = RUN,
     runs_dir: str = RUNS_DIR,
     overrides: list[str] = SET,
     as_json: bool = JSON,
 ) -> None:
-    """The overfit jobs on 32 puzzle groups, E1a–E2c."""
-    _sweep("overfit", nproc, out, run, runs_dir, overrides, as_json)
+    """The overfit jobs on 32 puzzle groups, E1a–E2c, from one pretrained decoder."""
+    _sweep("overfit", decoder, nproc, gpus_per_job, parallel, out, run, runs_dir, overrides, as_json)

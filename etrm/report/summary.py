@@ -32,6 +32,8 @@ class RunSummary:
     encoder_type: str | None
     act_range: str
     act_stuck_at: int | None
+    decoder: str  # decoder_provenance: etrm:<run>, foreign or none ("unknown" for older runs)
+    fewshot: bool | None  # False when a dataset trained on or a foreign decoder saw test puzzles
 
     @property
     def evaluated(self) -> bool:
@@ -82,4 +84,6 @@ def summarize(run: Run, health: GradHealth | None = None, act: ActStats | None =
         encoder_type=run.config_value("arch", "encoder_type"),
         act_range=step_range_text(act.histogram),
         act_stuck_at=act.stuck_at,
+        decoder=str(run.info.get("decoder_provenance", "unknown")),
+        fewshot=run.info.get("fewshot"),
     )

@@ -52,7 +52,11 @@ def train_command(
         [], "--set", help="Override a config key: --set arch.hidden_size=64 (repeatable)."
     ),
     config_file: Path | None = typer.Option(None, "--config", help="JSON config laid over the preset."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config as JSON and stop."),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Print the resolved config as JSON, and its budget (steps, samples, evaluations) on stderr; then stop.",
+    ),
     out: Path | None = typer.Option(None, "--out", help="Run folder (default runs/<run name>)."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this folder exactly."),
     wandb: str | None = typer.Option(
@@ -67,6 +71,7 @@ def train_command(
     cfg = resolve_config(preset, size, config_file, overrides, wandb, resume)
     if dry_run:
         print_json(config_to_dict(cfg))
+        _print_budget(cfg)
         return
     if resume is not None:
         if out is not None and out.resolve() != resume.resolve():
@@ -83,6 +88,10 @@ def train_command(
         )
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         from etrm.train.distributed import launch_torchrun
+        from etrm.train.loop import require_decoder_choice
+
+        if resume is None:
+            require_decoder_choice(cfg, preset or "")
 
         args = ["train", "--size", size, "--out", str(out)]
         args += ["--preset", preset] if preset else []
@@ -100,16 +109,43 @@ def train_command(
         console.print(f"trained {describe(run_dir)}")
 
 
+def _print_budget(cfg) -> None:
+    from etrm.console import err_console
+    from etrm.train.budget import budget_lines, training_budget
+
+    dataset = _dataset_or_none(cfg.data.path)
+    if dataset is None:
+        lines = [f"budget: no dataset at data.path={cfg.data.path} (build it with `etrm data build`)"]
+    else:
+        lines = [f"budget on {cfg.data.path}:", *budget_lines(training_budget(cfg, dataset))]
+    for line in lines:
+        err_console.print(line, markup=False, highlight=False)
+
+
+def _dataset_or_none(path: str):
+    from etrm.data.dataset import ArcDataset
+
+    return ArcDataset.open(path) if (Path(path) / "manifest.json").is_file() else None
+
+
 def presets_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """List the experiment presets with their encoder, size and parameter count."""
-    from etrm.config import PRESETS
-    from etrm.console import emit
+    """List the experiment presets with their encoder, size and parameter count.
 
+    With --json each preset also lists every value it sets and its source (the design, the
+    reference TRM, the public ETRM or our choice), and its budget on its data.path when built.
+    """
+    from etrm.config import PRESETS, preset_sources
+    from etrm.console import emit
+    from etrm.train.budget import training_budget
+
+    datasets = {}
     rows = []
     for name, info in PRESETS.items():
         cfg = info.build()
+        if as_json and cfg.data.path not in datasets:
+            datasets[cfg.data.path] = _dataset_or_none(cfg.data.path)
         a, t = cfg.arch, cfg.train
         total, encoder = parameter_count(cfg.arch)
         rows.append(
@@ -125,8 +161,14 @@ def presets_command(
                 "params": total,
                 "encoder_params": encoder,
                 "description": info.description,
+                "project": cfg.logging.project,
+                "run_name": cfg.logging.run_name,
             }
         )
+        if as_json:
+            dataset = datasets[cfg.data.path]
+            rows[-1]["sources"] = preset_sources(name)
+            rows[-1]["budget"] = training_budget(cfg, dataset) if dataset is not None else None
     columns = ["name", "phase", "encoder", "layers", "explore", "batch", "kl", "epochs", "params"]
     emit(rows, columns, as_json, title="presets (params: trainable, puzzle-id table excluded)")
 

@@ -221,6 +221,8 @@ class Trainer:
         cfg = apply_overrides(cfg, [])  # a private copy: the dataset fills in fields below
         self.cfg, self.run_dir, self.ctx = cfg, run_dir, ctx
         t = cfg.train
+        if not resume:
+            require_decoder_choice(cfg, preset)
         if t.global_batch_size % ctx.world_size:
             raise EtrmError(
                 f"train.global_batch_size={t.global_batch_size} is not divisible by the {ctx.world_size} processes"
@@ -237,13 +239,17 @@ class Trainer:
             check_same_dataset(
                 (ckpt_io.checkpoint_meta(start) or {}).get("dataset"), self.dataset.manifest, start
             )
+            _check_resumed_data(run_dir, self.dataset)
 
         _seed_everything(t.seed)
         self.model = build_model(cfg.arch).to(ctx.device)
         # The scale of what the context replaces: TRM's puzzle vectors when starting from its checkpoint.
         self.prefix_rms = None
-        if t.init_from and start is None:
-            self.prefix_rms = _init_decoder_from_trm(self.model, t.init_from, ctx)
+        inherited = {"decoder_provenance": "none", "foreign": False, "datasets": []}
+        if start is None:
+            inherited, self.prefix_rms = _init_decoder(
+                self.model, t.init_from, self.dataset.split("test"), ctx
+            )
         broadcast_parameters_(self.model, ctx)
         self.loss_head = ACTLossHead(self.model)
         self.step_fn = _compiled(self.loss_head, t.compile)
@@ -281,6 +287,7 @@ class Trainer:
 
         self.logger = None
         if ctx.is_main:
+            self.training_data = self._training_data(inherited, resumed=start is not None)
             self.logger = MetricsLogger(run_dir, cfg, resume_step=self.step if start is not None else None)
             self._write_run_info(preset)
         for key, old, new in self.resume_changes:
@@ -297,12 +304,36 @@ class Trainer:
         barrier(self.ctx)
         return ckpt_io.resolve_checkpoint(self.run_dir)
 
+    def _training_data(self, inherited: dict, resumed: bool) -> dict:
+        """What this run's weights have seen: the inherited datasets (or, resumed, the run's own record)
+        plus the training groups of data.path."""
+        from etrm.data.provenance import dataset_record, read_training_data
+
+        if resumed:  # a run from before runs recorded their data: only a decoder from scratch is known
+            scratch = self.cfg.train.init_from in ("", "none")
+            inherited = read_training_data(self.run_dir) or {
+                "decoder_provenance": "none" if scratch else "foreign",
+                "foreign": not scratch,
+                "datasets": [],
+            }
+        train_split = first_groups(self.dataset.split("train"), self.cfg.data.max_train_groups)
+        own = dataset_record(self.dataset, train_split)
+        known = [(d["manifest_sha256"], d["puzzle_ids"]) for d in inherited["datasets"]]
+        datasets = inherited["datasets"]
+        if (own["manifest_sha256"], own["puzzle_ids"]) not in known:
+            datasets = [*datasets, own]
+        return {**inherited, "datasets": datasets}
+
     def _write_run_info(self, preset: str) -> None:
+        from etrm.data.provenance import TRAINING_DATA_FILE
+
         self.run_dir.mkdir(parents=True, exist_ok=True)
         info_file = self.run_dir / "run_info.json"
         if not preset and info_file.is_file():  # a resumed run keeps the preset it started from
             preset = json.loads(info_file.read_text()).get("preset", "")
         atomic_write_json(self.run_dir / "config.json", config_to_dict(self.cfg))
+        atomic_write_json(self.run_dir / TRAINING_DATA_FILE, self.training_data)
+        data = self.training_data
         encoder_params = sum(p.numel() for p in self.model.encoder.parameters())
         total = sum(p.numel() for p in self.model.parameters())
         atomic_write_json(
@@ -313,7 +344,10 @@ class Trainer:
                 "num_params": total,
                 "encoder_params": encoder_params,
                 "decoder_params": total - encoder_params,
-                "fewshot": bool(self.dataset.manifest.get("fewshot", True)),
+                # Few-shot only when no weight has seen a test puzzle: every dataset trained on (this
+                # one and the decoder's) is a few-shot build and no foreign checkpoint is in the chain.
+                "fewshot": not data["foreign"] and all(d["fewshot"] for d in data["datasets"]),
+                "decoder_provenance": data["decoder_provenance"],
                 "dataset": str(self.cfg.data.path),
                 "etrm_version": __version__,
                 "world_size": self.ctx.world_size,
@@ -441,6 +475,8 @@ class Trainer:
         try:
             with bar if progress else contextlib.nullcontext():
                 task = bar.add_task("train", total=end, completed=self.step, info="")
+                if eval_every and self.step == 0:  # the untrained model: the curve's first point
+                    self._evaluate()
                 while self.step < end:
                     self._train_step()
                     if self.step % self.cfg.logging.log_interval == 0:
@@ -721,6 +757,124 @@ def open_dataset(path: str):
             f"or point --set data.path=... at a folder written by `etrm data build`"
         )
     return ArcDataset.open(path)
+
+
+# Presets whose design starts from a pretrained decoder: they need train.init_from set on purpose.
+DECODER_PHASES = ("overfit", "semi-final", "final")
+FOREIGN_WARNING = (
+    "warning: train.init_from={path} is not an etrm run: its training data is unknown (the public TRM "
+    "ARC checkpoints were trained on the evaluation puzzles' demos), so this run is not few-shot "
+    "(decoder_provenance foreign)"
+)
+
+
+def require_decoder_choice(cfg: RunConfig, preset: str) -> None:
+    """The design's overfit, semi-final and final runs start from a pretrained decoder: say which, or none."""
+    from etrm.config import PRESETS
+
+    info = PRESETS.get(preset)
+    if info is not None and info.phase in DECODER_PHASES and not cfg.train.init_from:
+        raise EtrmError(
+            f"preset {preset} starts from a pretrained decoder: set train.init_from to an etrm run "
+            f"(e.g. one trained with --preset trm) or a TRM checkpoint, or train.init_from=none to train "
+            f"the decoder from scratch on purpose"
+        )
+
+
+def _check_resumed_data(run_dir: Path, dataset) -> None:
+    """A resumed run may move to another data.path: what it trained on so far must not be in its test split."""
+    from etrm.data.provenance import manifest_sha256, read_training_data
+
+    record = read_training_data(run_dir)
+    if record is None:
+        return
+    current = manifest_sha256(dataset.manifest)
+    earlier = [d for d in record["datasets"] if d["manifest_sha256"] != current]
+    refuse_test_overlap(earlier, dataset.split("test"), f"--resume {run_dir}: the run")
+
+
+def _init_decoder(
+    model: nn.Module, init_from: str, test_split, ctx: DistContext
+) -> tuple[dict, float | None]:
+    """Start the decoder as train.init_from says; returns (the training data it inherits, prefix RMS).
+
+    "" or "none": from scratch. An etrm run folder or step-N/: its decoder weights (EMA when kept),
+    refused if its training data shares a puzzle or grid pair with the test split. Anything else: a
+    reference TRM checkpoint, whose training data is unknown (foreign).
+    """
+    if init_from in ("", "none"):
+        return {"decoder_provenance": "none", "foreign": False, "datasets": []}, None
+    if (Path(init_from) / ckpt_io.CONFIG_FILE).is_file():
+        return _init_decoder_from_etrm(model, Path(init_from), test_split, ctx), None
+    prefix_rms = _init_decoder_from_trm(model, init_from, ctx)
+    if ctx.is_main:
+        err_console.print(FOREIGN_WARNING.format(path=init_from), markup=False, highlight=False)
+    return {"decoder_provenance": "foreign", "foreign": True, "datasets": []}, prefix_rms
+
+
+def _init_decoder_from_etrm(model: nn.Module, path: Path, test_split, ctx: DistContext) -> dict:
+    """Load the decoder of an etrm checkpoint (any encoder type); the encoder keeps its init."""
+    from etrm.data.provenance import read_training_data
+
+    step_dir = ckpt_io.resolve_checkpoint(path)
+    run_dir = step_dir.parent
+    weights_file = step_dir / ckpt_io.EMA_FILE
+    if not weights_file.is_file():
+        weights_file = step_dir / ckpt_io.MODEL_FILE
+    decoder = {k: v for k, v in ckpt_io.load_weights(weights_file).items() if k.startswith("decoder.")}
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("decoder.")}
+    misfits = [k for k in own if k not in decoder or decoder[k].shape != own[k].shape]
+    misfits += [k for k in decoder if k not in own]
+    if misfits:
+        raise EtrmError(
+            f"train.init_from={path}: its decoder does not fit this run's arch ({', '.join(misfits[:5])}); "
+            f"set the arch.* sizes of {step_dir / ckpt_io.CONFIG_FILE}"
+        )
+    record = read_training_data(run_dir)
+    if record is None:
+        if ctx.is_main:
+            err_console.print(FOREIGN_WARNING.format(path=path), markup=False, highlight=False)
+        record = {"foreign": True, "datasets": []}
+    refuse_test_overlap(record["datasets"], test_split, f"train.init_from={path}: its decoder")
+    model.load_state_dict(decoder, strict=False)
+    name = _run_name(run_dir)
+    if ctx.is_main:
+        err_console.print(
+            f"decoder initialised from etrm run {name} ({weights_file}): {len(decoder)} tensors",
+            markup=False,
+            highlight=False,
+        )
+        if record["foreign"]:
+            err_console.print(
+                f"warning: run {name}'s decoder descends from a checkpoint of unknown training data; "
+                f"this run is not few-shot",
+                markup=False,
+                highlight=False,
+            )
+    return {
+        "decoder_provenance": f"etrm:{name}",
+        "foreign": record["foreign"],
+        "datasets": record["datasets"],
+    }
+
+
+def refuse_test_overlap(datasets: list[dict], test_split, whose: str) -> None:
+    """An error naming the test puzzles that recorded training data shares an id or a grid pair with."""
+    from etrm.data.provenance import overlap_with_test_split
+
+    overlap = overlap_with_test_split(datasets, test_split)
+    if overlap:
+        raise EtrmError(
+            f"{whose} was trained on {len(overlap)} puzzle(s) of this run's test split: "
+            f"{'; '.join(overlap[:10])}{' ...' if len(overlap) > 10 else ''}; pretrain it on a build "
+            f"without them (etrm data build drops them from the training side)"
+        )
+
+
+def _run_name(run_dir: Path) -> str:
+    info_file = run_dir / "run_info.json"
+    name = json.loads(info_file.read_text()).get("name") if info_file.is_file() else None
+    return name or run_dir.name
 
 
 def _init_decoder_from_trm(model: nn.Module, path: str, ctx: DistContext) -> float | None:
