@@ -20,7 +20,7 @@ from etrm.cli import main
 from etrm.config import apply_overrides, config_to_dict
 from etrm.errors import EtrmError
 from etrm.models.losses import ACTLossHead
-from etrm.runs.checkpoint import load_for_inference
+from etrm.runs.checkpoint import load_weights, save_checkpoint
 from etrm.runs.folder import LOCK_FILE, RunLock
 from etrm.train.loop import train
 from etrm.train.metrics import read_metrics
@@ -327,13 +327,13 @@ def test_flipped_bytes_are_refused_by_resume_eval_and_diagnose(finished, tmp_pat
     assert not (run / "step-3").exists()
 
 
-def test_eval_says_which_weights_it_used(finished, data, tmp_path, capsys):
+def test_eval_says_which_weights_it_used(finished, tmp_path, capsys):
     run = copy_run(finished, tmp_path)
     code, _, err = cli(capsys, "eval", str(run), "--num-aug", "1", "--out", str(tmp_path / "e1"))
     assert code == 0, err
     assert f"evaluating the EMA weights of {run / 'step-2'} (step 2)" in err
     code, _, err = cli(capsys, "eval", str(run), "--num-aug", "1", "--no-ema", "--out", str(tmp_path / "e2"))
-    assert f"evaluating the raw (not EMA) weights of {run / 'step-2'} (step 2)" in err
+    assert code == 0 and f"evaluating the raw (not EMA) weights of {run / 'step-2'} (step 2)" in err
     # A run that kept EMA but lost the file is incomplete: no silent fall back to the raw weights.
     (run / "step-2" / "ema.safetensors").unlink()
     code, _, err = cli(capsys, "eval", str(run), "--num-aug", "1", "--out", str(tmp_path / "e3"))
@@ -342,14 +342,13 @@ def test_eval_says_which_weights_it_used(finished, data, tmp_path, capsys):
         f"error: {run / 'step-2'} lacks ema.safetensors although its checkpoint.json records it "
         f"(use --no-ema for the raw weights)",
     )
-    # Nor to an older checkpoint: the newest one is what a run folder means.
-    assert load_for_inference(run / "step-1")[2] == 1
-
-    no_ema = train(
-        tiny_config("SF5", data, "train.max_steps=1", "train.ema=false"), tmp_path / "raw", progress=False
-    )
+    # A checkpoint saved without EMA (train.ema=false) is evaluated with its raw weights, and says so.
+    raw_cfg = apply_overrides(finished[0], ["train.ema=false"])
+    weights = load_weights(run / "step-2" / "model.safetensors")
+    no_ema = tmp_path / "raw"
+    save_checkpoint(no_ema, 7, weights, None, raw_cfg, {"step": 7}, keep=1)
     code, _, err = cli(capsys, "eval", str(no_ema), "--num-aug", "1", "--out", str(tmp_path / "e4"))
-    assert f"evaluating the raw (not EMA) weights of {no_ema / 'step-1'} (step 1)" in err
+    assert code == 0 and f"evaluating the raw (not EMA) weights of {no_ema / 'step-7'} (step 7)" in err
 
 
 # ---------------------------------------------------------------- divergence

@@ -236,10 +236,10 @@ class Trainer:
         self.resume_changes: list[tuple[str, Any, Any]] = []
         if start is not None:
             self.resume_changes = check_resume_compatible(ckpt_io.load_checkpoint_config(start), cfg, run_dir)
+            _check_resumed_data(run_dir, self.dataset)  # a leak names its puzzles: checked first
             check_same_dataset(
                 (ckpt_io.checkpoint_meta(start) or {}).get("dataset"), self.dataset.manifest, start
             )
-            _check_resumed_data(run_dir, self.dataset)
 
         _seed_everything(t.seed)
         self.model = build_model(cfg.arch).to(ctx.device)
