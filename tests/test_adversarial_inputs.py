@@ -232,7 +232,7 @@ def predictions_with_unknown_grid_ids(tmp_path, sources, monkeypatch):
 
 
 def sweep_bad_override(tmp_path, sources, monkeypatch):
-    return ["sweep", "semi-final", "--set", "train.lr=0"], "train.lr", None
+    return ["sweep", "semi-final", "--decoder", "none", "--set", "train.lr=0"], "train.lr", None
 
 
 CASES = [

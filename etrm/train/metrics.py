@@ -35,6 +35,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, cfg: RunConfig, resume_step: int | None = None):
         self.path = Path(run_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
         self._file = self.path.open("a")
