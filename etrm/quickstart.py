@@ -53,13 +53,10 @@ CPU_FEWSHOT_SETTINGS = [
     "logging.wandb=disabled",
     "logging.log_interval=10",
 ]
-# What demo encoders get on top (the puzzle-embedding baseline has no demos to read):
-# - each query cell reads the demo cells paired with its colour (CellLookup). Without it every
-#   encoder stayed at 0 pass@1 on colour remapping; with it, 16/16 unseen colour_map puzzles.
-# - each query cell gets the token proposed by the grid map (symmetry, then shift) that best
-#   explains the demos (GridMapBank): a hand-built prior, so dihedral and translate measure
-#   whether the model learns to trust it (0 without it, 8/8 each with it after 8 CPU minutes).
-DEMO_ENCODER_SETTINGS = ["arch.cell_lookup=true", "arch.grid_maps=true"]
+# What demo encoders get on top (the puzzle-embedding baseline has no demos to read): each query
+# cell reads the demo cells paired with its colour (CellLookup); without it no encoder learned
+# colour remapping (benchmarks/RESULTS.md).
+DEMO_ENCODER_SETTINGS = ["arch.cell_lookup=true"]
 
 
 def prepare_synthetic(

@@ -188,13 +188,12 @@ def test_dispatch_honours_etrm_kernels(ops, monkeypatch):
         kernels.swiglu(gate, up)
 
 
-@pytest.mark.parametrize("encoder_type", [*ENCODER_TYPES, "standard+cell_lookup+grid_maps"])
+@pytest.mark.parametrize("encoder_type", [*ENCODER_TYPES, "standard+cell_lookup+grid_coords"])
 def test_tiny_etrm_with_triton_kernels_matches_torch_path(ops, encoder_type, monkeypatch):
     """Forward and backward of every encoder type through the Triton kernels equal the torch path in float32.
 
     Every fused-op call the torch path makes must go to Triton instead (the hybrid encoders' set pool
-    is where cross_attention runs; the cell lookup's biased attention is SDPA on both paths;
-    the grid-map bank is plain torch on both).
+    is where cross_attention runs; the cell lookup's biased attention is SDPA on both paths).
     """
     from etrm.kernels import dispatch
 
@@ -213,7 +212,7 @@ def test_tiny_etrm_with_triton_kernels_matches_torch_path(ops, encoder_type, mon
     batch = tiny_episode()
     monkeypatch.setenv("ETRM_KERNELS", "torch")
     encoder_type, _, extra = encoder_type.partition("+")
-    overrides = {"cell_lookup": True, "grid_maps": True, "grid_coords": True, "seq_len": 81} if extra else {}
+    overrides = {"cell_lookup": True, "grid_coords": True, "seq_len": 81} if extra else {}
     torch_results, torch_grads = two_act_steps(encoder_type, batch, **overrides)
     monkeypatch.setenv("ETRM_KERNELS", "triton")
     triton_results, triton_grads = two_act_steps(encoder_type, batch, **overrides)

@@ -158,13 +158,13 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
     assert "already holds files" in capsys.readouterr().err
 
 
-def test_recipe_gives_demo_encoders_the_lookup_and_the_map_bank_and_the_baseline_neither(tmp_path):
+def test_recipe_gives_demo_encoders_the_lookup_and_the_baseline_not(tmp_path):
     from etrm.models.encoders import build_encoder
     from etrm.quickstart import fewshot_config
 
     for encoder, lookup in (("standard", True), ("hybrid_standard", True), ("puzzle_embedding", False)):
         cfg = fewshot_config(tmp_path, encoder, 1.0)
-        assert cfg.arch.cell_lookup is lookup and cfg.arch.grid_maps is lookup
+        assert cfg.arch.cell_lookup is lookup
         assert cfg.arch.encoder_type == encoder
         cfg.arch.num_puzzle_identifiers = 3
         build_encoder(cfg.arch)  # a valid model: the baseline has no demos to look up

@@ -162,7 +162,7 @@ def encoder_stats(
                 yield batch
                 progress.advance(task)
 
-        # The context slots only: with arch.cell_lookup or arch.grid_maps the encoder also returns
+        # The context slots only: with arch.cell_lookup the encoder also returns
         # one vector per query cell, which describes the query, not the puzzle's demos.
         slots = cfg.arch.context_len
 

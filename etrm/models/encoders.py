@@ -1,10 +1,9 @@
 """Context modules: turn a batch's demos (or its puzzle id) into the decoder's prefix context.
 
 Every demo encoder reads `demo_inputs`, `demo_outputs` [B, D, 900] and `demo_mask` [B, D] and
-returns `(context [B, context_len, hidden], kl [B] or None)`; with `arch.cell_lookup` or
-`arch.grid_maps` the context also holds, after those slots, one vector per cell of the decoder's
-canvas (the sum of `CellLookup`'s and `GridMapBank`'s). They
-share one per-demo grid transformer (`encoder_parts.DemoGridEncoder`) and differ in how the
+returns `(context [B, context_len, hidden], kl [B] or None)`; with `arch.cell_lookup` the
+context also holds, after those slots, one vector per cell of the decoder's canvas (`CellLookup`'s).
+They share one per-demo grid transformer (`encoder_parts.DemoGridEncoder`) and differ in how the
 demos are combined:
 
 - standard: summary token per demo → mean over demos → projection.
@@ -35,7 +34,6 @@ from etrm.models.encoder_parts import (
     mean_over_present,
     pack_present,
 )
-from etrm.models.grid_maps import GridMapBank
 
 
 class DemoEncoder(nn.Module, abc.ABC):
@@ -59,7 +57,6 @@ class DemoEncoder(nn.Module, abc.ABC):
         self.cell_lookup = (
             CellLookup(self.width, self.num_heads, arch.hidden_size, side) if arch.cell_lookup else None
         )
-        self.grid_maps = GridMapBank(arch.hidden_size, side, arch.grid_map_shift) if arch.grid_maps else None
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         present = batch["demo_mask"].bool()
@@ -72,14 +69,9 @@ class DemoEncoder(nn.Module, abc.ABC):
         with_cells = self.cell_lookup is not None
         states, attend, *cells = self.grid_encoder(inputs, outputs, with_cells)
         context, kl = self.combine(states, attend, present)
-        per_cell = None
         if with_cells:
             packed = pack_present(present, states, attend, *cells)
             per_cell = self.cell_lookup(self.grid_encoder, batch["inputs"], *packed)
-        if self.grid_maps is not None:
-            proposed = self.grid_maps(inputs, outputs, present, batch["inputs"])
-            per_cell = proposed if per_cell is None else per_cell + proposed.to(per_cell.dtype)
-        if per_cell is not None:
             context = torch.cat((context, per_cell.to(context.dtype)), dim=1)
         context = torch.where(has_demos[:, None, None], context, torch.zeros_like(context))
         if kl is not None:
@@ -140,11 +132,10 @@ def build_encoder(arch: ArchConfig) -> nn.Module:
             f"arch.context_len={arch.context_len} must be between 1 and arch.puzzle_emb_len={arch.puzzle_emb_len}"
         )
     if arch.encoder_type == "puzzle_embedding":
-        for option in ("cell_lookup", "grid_maps"):
-            if getattr(arch, option):
-                raise EtrmError(
-                    f"arch.{option} needs a demo encoder; arch.encoder_type=puzzle_embedding has no demos"
-                )
+        if arch.cell_lookup:
+            raise EtrmError(
+                "arch.cell_lookup needs a demo encoder; arch.encoder_type=puzzle_embedding has no demos"
+            )
         from etrm.models.puzzle_embedding import PuzzleEmbeddingContext
 
         return PuzzleEmbeddingContext(arch)
@@ -154,8 +145,6 @@ def build_encoder(arch: ArchConfig) -> nn.Module:
         raise EtrmError(
             f"arch.encoder_hidden_size={width} is not divisible by arch.encoder_num_heads={heads}"
         )
-    if not 0 <= arch.grid_map_shift <= 29:
-        raise EtrmError(f"arch.grid_map_shift={arch.grid_map_shift} must be in 0..29")
     if arch.encoder_num_layers < 1:
         raise EtrmError(f"arch.encoder_num_layers={arch.encoder_num_layers} must be at least 1")
     if arch.encoder_type == "standard":

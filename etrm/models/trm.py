@@ -89,7 +89,7 @@ class TRMDecoder(nn.Module):
     ) -> torch.Tensor:
         """sqrt(hidden) · [context zero-padded to the prefix length ; token embeddings (+ grid coordinates)]."""
         tokens = self.embed_tokens(inputs)
-        if self.arch.cell_lookup or self.arch.grid_maps:  # the slots, then one vector per canvas cell
+        if self.arch.cell_lookup:  # the slots, then one vector per canvas cell
             context, per_cell = context[:, : self.arch.context_len], context[:, self.arch.context_len :]
             tokens = tokens + per_cell.to(tokens.dtype)
         if self.grid_coords is not None:
