@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
-from test_encoders import canvas_tokens, episode_batch, random_pair, tiny_arch  # tests/test_encoders.py
+from test_encoders import canvas_tokens, episode_batch, random_pair  # tests/test_encoders.py
 
 from etrm.errors import EtrmError
 from etrm.models import build_model
@@ -14,8 +16,10 @@ from etrm.models.encoders import build_encoder
 SIDE = 9  # a 9×9 decoder canvas: the query cells the lookup answers
 
 
-def lookup_arch(encoder_type: str = "standard", **overrides):
-    return tiny_arch(encoder_type, cell_lookup=True, seq_len=SIDE * SIDE, **overrides)
+@pytest.fixture
+def lookup_arch(tiny_arch):
+    """`lookup_arch(encoder_type="standard", **overrides)`: the tiny model with the cell lookup on a SIDE² canvas."""
+    return functools.partial(tiny_arch, cell_lookup=True, seq_len=SIDE * SIDE)
 
 
 def demo_rows(seed: int = 0):
@@ -24,7 +28,7 @@ def demo_rows(seed: int = 0):
 
 
 @pytest.mark.parametrize("encoder_type", ["standard", "hybrid_standard", "lpn_var"])
-def test_context_holds_the_slots_then_one_vector_per_canvas_cell(encoder_type):
+def test_context_holds_the_slots_then_one_vector_per_canvas_cell(encoder_type, lookup_arch):
     torch.manual_seed(0)
     arch = lookup_arch(encoder_type)
     encoder = build_encoder(arch).eval()
@@ -42,7 +46,7 @@ def test_context_holds_the_slots_then_one_vector_per_canvas_cell(encoder_type):
     torch.testing.assert_close(per_cell[2], per_cell[0], rtol=1e-5, atol=1e-6)
 
 
-def test_the_lookup_reads_the_demos_and_reaches_the_decoder():
+def test_the_lookup_reads_the_demos_and_reaches_the_decoder(tiny_arch, lookup_arch):
     torch.manual_seed(0)
     plain = build_model(tiny_arch("standard", seq_len=SIDE * SIDE)).eval()
     model = build_model(lookup_arch()).eval()
@@ -70,7 +74,7 @@ def test_the_lookup_reads_the_demos_and_reaches_the_decoder():
     assert (per_cell[0] - per_cell[1]).abs().max() > 1e-3
 
 
-def test_cell_lookup_needs_demos():
+def test_cell_lookup_needs_demos(lookup_arch):
     with pytest.raises(EtrmError, match="cell_lookup"):
         build_encoder(lookup_arch("puzzle_embedding", num_puzzle_identifiers=3))
 

@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
+from reference_files import TRM_IO  # tests/reference_files.py
 
 from etrm.data.encoding import IGNORE_LABEL_ID, decode_grid, encode_grid, labels_from_tokens
-
-PARITY = "/work/shared/reference/trm_parity/trm_A_io.npz"
 
 
 def expected_canvas(grid):
@@ -52,7 +51,7 @@ def test_matches_trm_reference_encoding():
 
     from etrm.data.sources import load_source
 
-    fixture = np.load(PARITY)
+    fixture = np.load(TRM_IO)
     tasks = {t.task_id: t for t in load_source("arc-agi-1-eval").tasks}
     for i, task_id in enumerate(fixture["task_ids"]):
         query_in, query_out = tasks[str(task_id)].queries[int(fixture["test_index"][i])]

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from etrm.config import ArchConfig
 from etrm.errors import EtrmError
 from etrm.models.encoder_parts import CrossAttentionPool
 from etrm.models.encoders import build_encoder
@@ -14,27 +13,6 @@ from etrm.models.layers import swiglu_inner_size
 
 ENCODER_TYPES = ("standard", "hybrid_standard", "hybrid_variational", "lpn_var")
 VARIATIONAL = ("hybrid_variational", "lpn_var")
-
-
-def tiny_arch(encoder_type: str, **overrides) -> ArchConfig:
-    fields = dict(
-        hidden_size=32,
-        num_heads=4,
-        expansion=2.0,
-        L_layers=1,
-        H_cycles=2,
-        L_cycles=1,
-        halt_max_steps=3,
-        puzzle_emb_len=8,
-        encoder_type=encoder_type,
-        encoder_num_layers=2,
-        encoder_hidden_size=24,
-        encoder_num_heads=2,
-        encoder_latent_dim=8,
-        context_len=4,
-    )
-    fields.update(overrides)
-    return ArchConfig(**fields)
 
 
 def canvas_tokens(grid: np.ndarray) -> torch.Tensor:
@@ -83,9 +61,15 @@ def place_demos(demos, slot_of_demo: list[int], slots: int):
     return batch
 
 
-def fresh_encoder(encoder_type: str, seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    return build_encoder(tiny_arch(encoder_type, **overrides)).eval()
+@pytest.fixture
+def fresh_encoder(tiny_arch):
+    """`fresh_encoder(encoder_type, seed=0, **overrides)`: a seeded encoder of the tiny model, in eval mode."""
+
+    def build(encoder_type: str, seed: int = 0, **overrides):
+        torch.manual_seed(seed)
+        return build_encoder(tiny_arch(encoder_type, **overrides)).eval()
+
+    return build
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +79,7 @@ def demos():
 
 
 @pytest.mark.parametrize("encoder_type", ENCODER_TYPES)
-def test_context_invariant_to_demo_order_and_empty_slots(encoder_type, demos):
+def test_context_invariant_to_demo_order_and_empty_slots(encoder_type, demos, fresh_encoder):
     encoder = fresh_encoder(encoder_type)
     with torch.no_grad():
         reference, kl_reference = encoder(make_batch([demos], 3))
@@ -109,7 +93,7 @@ def test_context_invariant_to_demo_order_and_empty_slots(encoder_type, demos):
 
 
 @pytest.mark.parametrize("encoder_type", VARIATIONAL)
-def test_training_samples_ignore_empty_slots(encoder_type, demos):
+def test_training_samples_ignore_empty_slots(encoder_type, demos, fresh_encoder):
     """With the same seed, trailing empty slots leave the sampled context unchanged."""
     encoder = fresh_encoder(encoder_type).train()
     with torch.no_grad():
@@ -121,7 +105,7 @@ def test_training_samples_ignore_empty_slots(encoder_type, demos):
 
 
 @pytest.mark.parametrize("encoder_type", ENCODER_TYPES)
-def test_context_of_a_row_does_not_depend_on_the_other_rows(encoder_type, demos):
+def test_context_of_a_row_does_not_depend_on_the_other_rows(encoder_type, demos, fresh_encoder):
     """Other rows' larger grids lengthen every demo's sequence; the padded tail must stay masked."""
     rng = np.random.default_rng(1)
     big = [random_pair(rng, 30, 30), random_pair(rng, 12, 7)]
@@ -133,7 +117,7 @@ def test_context_of_a_row_does_not_depend_on_the_other_rows(encoder_type, demos)
 
 
 @pytest.mark.parametrize("encoder_type", ENCODER_TYPES)
-def test_grouping_demos_by_length_changes_cost_not_result(encoder_type, demos):
+def test_grouping_demos_by_length_changes_cost_not_result(encoder_type, demos, fresh_encoder):
     """Encoding demos in length groups (each cut at its own longest) equals one padded batch, gradients too."""
     rng = np.random.default_rng(2)
     rows = [
@@ -164,7 +148,7 @@ def test_grouping_demos_by_length_changes_cost_not_result(encoder_type, demos):
 
 
 @pytest.mark.parametrize("encoder_type", ENCODER_TYPES)
-def test_single_demo_and_demo_less_rows_are_finite_with_zero_context(encoder_type, demos):
+def test_single_demo_and_demo_less_rows_are_finite_with_zero_context(encoder_type, demos, fresh_encoder):
     encoder = fresh_encoder(encoder_type).train()
     batch = make_batch([demos[:1], [], demos], slots=3, garbage_in_empty=True)
     context, kl = encoder(batch)
@@ -185,7 +169,7 @@ def test_single_demo_and_demo_less_rows_are_finite_with_zero_context(encoder_typ
 
 
 @pytest.mark.parametrize("encoder_type", ENCODER_TYPES)
-def test_changing_a_demo_changes_the_context(encoder_type, demos):
+def test_changing_a_demo_changes_the_context(encoder_type, demos, fresh_encoder):
     encoder = fresh_encoder(encoder_type)
     changed = [(grid_in, grid_out.copy()) for grid_in, grid_out in demos]
     changed[1][1][0, 0] = (changed[1][1][0, 0] + 1) % 10
@@ -196,7 +180,7 @@ def test_changing_a_demo_changes_the_context(encoder_type, demos):
 
 
 @pytest.mark.parametrize("encoder_type", VARIATIONAL)
-def test_variational_encoders_sample_in_training_and_use_the_mean_in_eval(encoder_type, demos):
+def test_variational_encoders_sample_in_training_and_use_the_mean_in_eval(encoder_type, demos, fresh_encoder):
     encoder = fresh_encoder(encoder_type, encoder_latent_dim=32)
     captured = {}
     encoder.latent.mean_logvar.register_forward_hook(lambda m, i, out: captured.update(stats=out.detach()))
@@ -223,7 +207,7 @@ def test_variational_encoders_sample_in_training_and_use_the_mean_in_eval(encode
 
 
 @pytest.mark.parametrize("encoder_type", VARIATIONAL)
-def test_kl_matches_float64_closed_form(encoder_type, demos):
+def test_kl_matches_float64_closed_form(encoder_type, demos, fresh_encoder):
     encoder = fresh_encoder(encoder_type).train()
     captured = {}
     encoder.latent.mean_logvar.register_forward_hook(lambda m, i, out: captured.update(stats=out.detach()))
@@ -271,7 +255,7 @@ def test_set_pool_matches_float64_per_sample_reference():
         assert torch.allclose(out[b], expected, atol=1e-10)
 
 
-def test_parameter_count_matches_closed_form():
+def test_parameter_count_matches_closed_form(tiny_arch):
     width, hidden, inner = 24, 32, swiglu_inner_size(24, 2.0)
     embeddings = (12 + 30 + 30 + 2 + 1) * width  # colours, rows, columns, sides, summary token
     block = width * 3 * width + width * width + width * 2 * inner + inner * width
@@ -281,7 +265,7 @@ def test_parameter_count_matches_closed_form():
 
 
 @pytest.mark.parametrize("encoder_type", ENCODER_TYPES)
-def test_context_starts_at_the_token_embedding_scale(encoder_type, demos):
+def test_context_starts_at_the_token_embedding_scale(encoder_type, demos, fresh_encoder):
     """The decoder scales its prefix by sqrt(hidden) like its token embeddings (table RMS 1/sqrt(hidden))."""
     encoder = fresh_encoder(encoder_type, hidden_size=64)
     with torch.no_grad():
@@ -300,7 +284,7 @@ def test_context_starts_at_the_token_embedding_scale(encoder_type, demos):
         ({"encoder_type": "transformer"}, "arch.encoder_type"),
     ],
 )
-def test_build_encoder_rejects_bad_arch(overrides, named):
+def test_build_encoder_rejects_bad_arch(overrides, named, tiny_arch):
     with pytest.raises(EtrmError, match=named):
         build_encoder(tiny_arch(overrides.pop("encoder_type", "hybrid_standard"), **overrides))
 
@@ -317,7 +301,7 @@ def episode_batch(demo_rows, slots: int) -> dict:
 
 
 @pytest.mark.parametrize("encoder_type", ENCODER_TYPES)
-def test_changing_the_demos_changes_the_decoder_output(encoder_type, demos):
+def test_changing_the_demos_changes_the_decoder_output(encoder_type, demos, tiny_arch):
     from etrm.models import build_model
 
     torch.manual_seed(0)
@@ -334,7 +318,7 @@ def test_changing_the_demos_changes_the_decoder_output(encoder_type, demos):
 
 
 @pytest.mark.parametrize("reencode", [True, False])
-def test_encoder_gradient_at_each_act_step_follows_encoder_reencode(reencode, demos):
+def test_encoder_gradient_at_each_act_step_follows_encoder_reencode(reencode, demos, tiny_arch):
     """Re-encoding: gradient at every step; caching: only at steps where some row (re)started."""
     from etrm.models import build_model
     from etrm.models.losses import ACTLossHead

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from reference_files import TRM_CHECKPOINT  # tests/reference_files.py
 from train_helpers import build_tiny_dataset, tiny_config
 
 from etrm.config import apply_overrides
@@ -219,9 +220,6 @@ def test_loss_spike_halves_the_learning_rate(data, tmp_path, monkeypatch):
     assert lrs[11] == pytest.approx(cfg.train.lr) and lrs[12] == lrs[13] == pytest.approx(cfg.train.lr / 2)
 
 
-TRM_FIXTURE = "/work/shared/reference/trm_parity/trm_A_checkpoint.pt"
-
-
 def test_pretrained_decoder_starts_from_the_trm_checkpoint(data, tmp_path):
     sizes = [
         "arch.hidden_size=64",
@@ -231,10 +229,10 @@ def test_pretrained_decoder_starts_from_the_trm_checkpoint(data, tmp_path):
         "arch.L_cycles=1",
     ]
     cfg = tiny_config(
-        "SF5", data, *sizes, "train.max_steps=1", "train.ema=false", f"train.init_from={TRM_FIXTURE}"
+        "SF5", data, *sizes, "train.max_steps=1", "train.ema=false", f"train.init_from={TRM_CHECKPOINT}"
     )
     run = train(cfg, tmp_path / "run", progress=False)
-    reference = torch.load(TRM_FIXTURE, weights_only=True)
+    reference = torch.load(TRM_CHECKPOINT, weights_only=True)
     trained = load_weights(run / "step-1" / "model.safetensors")
     prefix = "_orig_mod.model.inner."
     for key, value in reference.items():
