@@ -127,8 +127,11 @@ def time_steps(
 
         def encode():
             with autocast:
-                context, kl = model.encoder(batch)
-            (context.float().square().sum() + (kl.sum() if kl is not None else 0)).backward()
+                encoded = model.encoder(batch)
+            loss = encoded.slots.float().square().sum() + (encoded.kl.sum() if encoded.kl is not None else 0)
+            if encoded.cells is not None:
+                loss = loss + encoded.cells.float().square().sum()
+            loss.backward()
             model.zero_grad(set_to_none=True)
 
         for _ in range(warmup):

@@ -49,7 +49,7 @@ def fake_encoder(puzzle_scale, aug_scale, calls):
 
     def encode(batch):
         calls.append(batch["group_ids"].tolist())
-        return puzzle_scale * f[batch["group_ids"]] + aug_scale * g[batch["aug_ids"]], None
+        return puzzle_scale * f[batch["group_ids"]] + aug_scale * g[batch["aug_ids"]]
 
     return encode
 

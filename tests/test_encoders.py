@@ -82,8 +82,10 @@ def demos():
 def test_context_invariant_to_demo_order_and_empty_slots(encoder_type, demos, fresh_encoder):
     encoder = fresh_encoder(encoder_type)
     with torch.no_grad():
-        reference, kl_reference = encoder(make_batch([demos], 3))
-        shuffled, kl_shuffled = encoder(place_demos(demos, [5, 0, 3], slots=7))
+        encoded = encoder(make_batch([demos], 3))
+        reference, kl_reference = encoded.slots, encoded.kl
+        encoded = encoder(place_demos(demos, [5, 0, 3], slots=7))
+        shuffled, kl_shuffled = encoded.slots, encoded.kl
     assert reference.shape == (1, 4, 32)
     assert torch.allclose(reference, shuffled, atol=1e-5, rtol=1e-5)
     if encoder_type in VARIATIONAL:
@@ -98,9 +100,9 @@ def test_training_samples_ignore_empty_slots(encoder_type, demos, fresh_encoder)
     encoder = fresh_encoder(encoder_type).train()
     with torch.no_grad():
         torch.manual_seed(5)
-        reference, _ = encoder(make_batch([demos, demos[:1]], 3))
+        reference = encoder(make_batch([demos, demos[:1]], 3)).slots
         torch.manual_seed(5)
-        padded, _ = encoder(make_batch([demos, demos[:1]], 6, garbage_in_empty=True))
+        padded = encoder(make_batch([demos, demos[:1]], 6, garbage_in_empty=True)).slots
     assert torch.allclose(reference, padded, atol=1e-5, rtol=1e-5)
 
 
@@ -111,8 +113,8 @@ def test_context_of_a_row_does_not_depend_on_the_other_rows(encoder_type, demos,
     big = [random_pair(rng, 30, 30), random_pair(rng, 12, 7)]
     encoder = fresh_encoder(encoder_type)
     with torch.no_grad():
-        alone, _ = encoder(make_batch([demos], 3))
-        batched, _ = encoder(make_batch([big, demos, demos[:1]], 4))
+        alone = encoder(make_batch([demos], 3)).slots
+        batched = encoder(make_batch([big, demos, demos[:1]], 4)).slots
     assert torch.allclose(alone[0], batched[1], atol=1e-5, rtol=1e-5)
 
 
@@ -132,7 +134,8 @@ def test_grouping_demos_by_length_changes_cost_not_result(encoder_type, demos, f
         encoder = fresh_encoder(encoder_type)
         encoder.grid_encoder.length_groups = groups
         torch.manual_seed(9)  # the variational encoders sample in training mode
-        context, kl = encoder.train()(batch)
+        encoded = encoder.train()(batch)
+        context, kl = encoded.slots, encoded.kl
         loss = context.square().sum() + (kl.sum() if kl is not None else 0)
         loss.backward()
         results[groups] = (
@@ -151,7 +154,8 @@ def test_grouping_demos_by_length_changes_cost_not_result(encoder_type, demos, f
 def test_single_demo_and_demo_less_rows_are_finite_with_zero_context(encoder_type, demos, fresh_encoder):
     encoder = fresh_encoder(encoder_type).train()
     batch = make_batch([demos[:1], [], demos], slots=3, garbage_in_empty=True)
-    context, kl = encoder(batch)
+    encoded = encoder(batch)
+    context, kl = encoded.slots, encoded.kl
     assert torch.isfinite(context).all()
     assert torch.equal(context[1], torch.zeros_like(context[1]))
     assert context[0].abs().sum() > 0 and context[2].abs().sum() > 0
@@ -163,7 +167,8 @@ def test_single_demo_and_demo_less_rows_are_finite_with_zero_context(encoder_typ
         assert torch.isfinite(kl).all() and kl[1] == 0 and (kl[[0, 2]] > 0).all()
 
     nothing = make_batch([[], []], slots=2, garbage_in_empty=True)
-    context, kl = encoder(nothing)
+    encoded = encoder(nothing)
+    context, kl = encoded.slots, encoded.kl
     assert context.shape == (2, 4, 32) and torch.equal(context, torch.zeros_like(context))
     assert kl is None or torch.equal(kl, torch.zeros(2))
 
@@ -174,8 +179,8 @@ def test_changing_a_demo_changes_the_context(encoder_type, demos, fresh_encoder)
     changed = [(grid_in, grid_out.copy()) for grid_in, grid_out in demos]
     changed[1][1][0, 0] = (changed[1][1][0, 0] + 1) % 10
     with torch.no_grad():
-        before, _ = encoder(make_batch([demos], 3))
-        after, _ = encoder(make_batch([changed], 3))
+        before = encoder(make_batch([demos], 3)).slots
+        after = encoder(make_batch([changed], 3)).slots
     assert (before - after).abs().max() > 1e-4
 
 
@@ -187,8 +192,9 @@ def test_variational_encoders_sample_in_training_and_use_the_mean_in_eval(encode
     encoder.latent.register_forward_hook(lambda m, i, out: captured.update(z=out[0].detach()))
     batch = make_batch([demos, demos[:2], demos[1:]], 3)
     with torch.no_grad():
-        first, kl_eval = encoder(batch)
-        second, _ = encoder(batch)
+        encoded = encoder(batch)
+        first, kl_eval = encoded.slots, encoded.kl
+        second = encoder(batch).slots
         assert torch.equal(first, second)
         mean = captured["stats"].chunk(2, dim=-1)[0]
         assert torch.equal(captured["z"], mean)
@@ -196,7 +202,8 @@ def test_variational_encoders_sample_in_training_and_use_the_mean_in_eval(encode
         encoder.train()
         noise = []
         for _ in range(10):
-            context, kl_train = encoder(batch)
+            encoded = encoder(batch)
+            context, kl_train = encoded.slots, encoded.kl
             mean, logvar = captured["stats"].chunk(2, dim=-1)
             noise.append((captured["z"] - mean) / torch.exp(0.5 * logvar))
         assert not torch.allclose(context, first)
@@ -212,7 +219,7 @@ def test_kl_matches_float64_closed_form(encoder_type, demos, fresh_encoder):
     captured = {}
     encoder.latent.mean_logvar.register_forward_hook(lambda m, i, out: captured.update(stats=out.detach()))
     rows = [demos, [], demos[:1], demos[1:]]
-    _, kl = encoder(make_batch(rows, 3))
+    kl = encoder(make_batch(rows, 3)).kl
     mean, logvar = captured["stats"].double().chunk(2, dim=-1)
     per_posterior = (0.5 * (mean**2 + logvar.exp() - 1.0 - logvar)).sum(-1)
     if encoder_type == "lpn_var":  # one posterior per present demo, averaged over each row's demos
@@ -269,7 +276,7 @@ def test_context_starts_at_the_token_embedding_scale(encoder_type, demos, fresh_
     """The decoder scales its prefix by sqrt(hidden) like its token embeddings (table RMS 1/sqrt(hidden))."""
     encoder = fresh_encoder(encoder_type, hidden_size=64)
     with torch.no_grad():
-        context, _ = encoder(make_batch([demos, demos[1:]], 3))
+        context = encoder(make_batch([demos, demos[1:]], 3)).slots
     rms = context.square().mean().sqrt().item()
     assert 0.5 / 8 < rms < 2.0 / 8
 

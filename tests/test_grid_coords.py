@@ -75,7 +75,7 @@ def test_grid_coords_off_is_the_plain_model_and_on_uses_the_tables(encoder_type,
     torch.testing.assert_close(logits(with_coords), logits(plain), rtol=0, atol=1e-6)
     for name in (
         "decoder.grid_coords.tables.2.embedding_weight",
-        "encoder.grid_encoder.far_side_embedding.tables.1.embedding_weight",
+        "encoder.grid_encoder.cell_embedding.far_side_embedding.tables.1.embedding_weight",
     ):
         with torch.no_grad():
             for table in extra.values():

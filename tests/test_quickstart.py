@@ -63,7 +63,7 @@ def test_small_canvas_decoder_sees_the_corner_and_predicts_pad_outside():
         z_H, z_L = model.decoder.reset_latents(
             torch.ones(2, dtype=torch.bool), *(torch.zeros(2, 16 + 81, 16) for _ in range(2))
         )
-        context, _ = model.encoder(batch)
+        context = model.encoder(batch).slots
         _, _, expected, _, _ = model.decoder(z_H, z_L, corner, context)
     logits = outputs["logits"].view(2, 30, 30, 12)
     torch.testing.assert_close(logits[:, :9, :9].reshape(2, 81, 12), expected)

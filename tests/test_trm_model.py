@@ -9,6 +9,7 @@ import torch
 from etrm.config import ArchConfig
 from etrm.errors import EtrmError
 from etrm.models import build_model
+from etrm.models.encoders import EncoderOutput
 from etrm.models.losses import ACTLossHead, stablemax_cross_entropy
 
 SIDE = 10  # a 10×10 corner of the 30×30 canvas (arch.seq_len=100) keeps these tests quick
@@ -130,7 +131,7 @@ def test_target_q_continue_is_the_next_steps_q_values(tiny_arch):
         carry, loss, metrics, outputs, _ = head(carry, batch)
         loss.backward()
         with torch.no_grad():
-            context, _ = model.encoder(carry.current_data)
+            context = model.encoder(carry.current_data).slots
             corner = carry.current_data["inputs"].view(-1, 30, 30)[:, :SIDE, :SIDE].reshape(-1, SIDE * SIDE)
             *_, next_halt, next_continue = model.decoder(carry.z_H, carry.z_L, corner, context)
         last = carry.steps >= 2
@@ -169,7 +170,7 @@ def test_loss_adds_weighted_kl_and_counts_only_halted_rows(monkeypatch, tiny_arc
         carry, loss, metrics, outputs, all_halted = head(head.initial_carry(batch), batch)
         kl = torch.tensor([0.5, 1.0, 2.0])
         encode = model.encoder.forward
-        monkeypatch.setattr(model.encoder, "forward", lambda b: (encode(b)[0], kl))
+        monkeypatch.setattr(model.encoder, "forward", lambda b: EncoderOutput(encode(b).slots, kl=kl))
         _, loss_kl, metrics_kl, _, _ = head(head.initial_carry(batch), batch)
     assert all_halted
     assert (loss_kl - loss).item() == pytest.approx(0.25 * 3.5, rel=1e-6)

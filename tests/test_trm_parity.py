@@ -34,7 +34,7 @@ def parity_run():
 def test_input_embeddings_match(parity_run):
     model, ref, _ = parity_run
     inputs = torch.from_numpy(ref["inputs"]).long()
-    context, _ = model.encoder({"puzzle_identifiers": torch.from_numpy(ref["puzzle_identifiers"]).long()})
+    context = model.encoder({"puzzle_identifiers": torch.from_numpy(ref["puzzle_identifiers"]).long()}).slots
     with torch.no_grad():
         x = model.decoder.input_embeddings(inputs, context, torch.float32)
     assert_within_tolerance(x[:, :20], ref["input_embeddings_first20"], "input embeddings")

@@ -417,9 +417,7 @@ class Trainer:
         """[loss, the metric sums, context square-sum, context size, steps histogram] as one float64 vector."""
         halted = self.carry.halted
         hist = torch.bincount(self.carry.steps[halted].long(), minlength=self.cfg.arch.halt_max_steps + 1)
-        context = outputs["context"][
-            :, : self.cfg.arch.context_len
-        ].float()  # the slots, not per-cell vectors
+        context = outputs["context"].float()
         values = [loss.detach().double()] + [metrics[k].detach().double() for k in _SUM_KEYS]
         values += [context.square().sum().double(), torch.tensor(float(context.numel()), dtype=torch.float64)]
         device = self.ctx.device
