@@ -60,7 +60,7 @@ def train_one(data: Path, encoder: str, run_dir: Path, args) -> dict:
         data, encoder, args.minutes, seed=args.seed, grid_size=args.grid_size, extra=args.settings
     )
     wall, cpu = time.perf_counter(), time.process_time()
-    results = train_and_evaluate(cfg, run_dir, eval_num_aug=args.eval_num_aug, progress=True)
+    results, _ = train_and_evaluate(cfg, run_dir, eval_num_aug=args.eval_num_aug, progress=True)
     scores = {name: score for name, (_, score) in family_scores(results).items()}
     scores["all"] = results["metrics"]["pass@1"]
     scores.update(steps=results["step"], cpu_s=time.process_time() - cpu, wall_s=time.perf_counter() - wall)

@@ -107,6 +107,7 @@ def test_family_scores_average_pass_at_k_per_family():
     [
         (["--encoder", "transformer"], "--encoder 'transformer'"),
         (["--minutes", "0"], "--minutes 0"),
+        (["--steps", "-1"], "--steps -1"),
     ],
 )
 def test_bad_options_fail_before_any_work(tmp_path, capsys, args, message):
@@ -122,10 +123,11 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a shared CPU runs this small model faster on one thread
     try:
-        main(["quickstart", "--minutes", "0.2", "--out", str(out), "--json"])
+        main(["quickstart", "--steps", "4", "--out", str(out), "--json"])
     finally:
         torch.set_num_threads(threads)
     summary = json.loads(capsys.readouterr().out)
+    assert summary["step"] == 4 and summary["steps_per_s"] > 0
 
     synth = json.loads((out / "data" / ".." / "synth" / "synth.json").read_text())
     test_ids = sorted(t for t, info in synth["tasks"].items() if info["split"] == "test")
@@ -171,3 +173,31 @@ def test_recipe_gives_demo_encoders_the_lookup_and_the_baseline_not(tmp_path):
     assert (
         fewshot_config(tmp_path, "standard", 1.0, extra=["arch.cell_lookup=false"]).arch.cell_lookup is False
     )
+
+
+def test_a_step_count_replaces_the_time_budget(tmp_path):
+    from etrm.quickstart import fewshot_config
+
+    timed = fewshot_config(tmp_path, "standard", 3.0)
+    assert (timed.train.max_minutes, timed.train.max_steps) == (3.0, 0)
+    counted = fewshot_config(tmp_path, "standard", 3.0, steps=600)
+    assert (counted.train.max_minutes, counted.train.max_steps) == (0.0, 600)
+
+
+@pytest.mark.parametrize(("load", "loaded"), [(1.9, False), (2.0, False), (3.5, True)])
+def test_quickstart_prints_steps_per_second_and_warns_on_a_loaded_machine(
+    tmp_path, capsys, monkeypatch, load, loaded
+):
+    """Loaded = the 1-minute load average above the core count; the summary is faked, the output is real."""
+    from etrm import quickstart
+
+    monkeypatch.setattr(quickstart.os, "getloadavg", lambda: (load, 0.0, 0.0))
+    monkeypatch.setattr(quickstart.os, "cpu_count", lambda: 2)
+    summary = {"rows": [], "run": "r", "report": "p", "data": "d", "step": 60, "steps_per_s": 60 / 40}
+    monkeypatch.setattr(quickstart, "run_quickstart", lambda *a, **k: summary | quickstart.machine_load())
+    main(["quickstart", "--steps", "60", "--out", str(tmp_path / "q")])
+    captured = capsys.readouterr()
+    assert "trained at 1.50 steps/s" in captured.out
+    assert ("warning: the machine was loaded" in captured.err) is loaded
+    if loaded:
+        assert f"load average {load} on 2 cores" in captured.err and "--steps N" in captured.err
