@@ -1,4 +1,5 @@
 """Metric logging: `metrics.jsonl` in the run folder is the source of truth; W&B mirrors it.
+Per-step statistics travel by name (`sum_over_ranks`), never by position.
 
 W&B is imported only when enabled and writes its files into the run folder (`RUN/wandb/`),
 offline by default so no account is needed.
@@ -13,8 +14,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from etrm.config import RunConfig, config_to_dict
 from etrm.io import atomic_write_bytes
+from etrm.train.distributed import DistContext, all_reduce_sum_
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -62,6 +66,24 @@ class MetricsLogger:
         if self._wandb_run is not None:
             self._wandb_run.finish()
             self._wandb_run = None
+
+
+def sum_over_ranks(values: dict[str, torch.Tensor], ctx: DistContext) -> dict[str, float | list[float]]:
+    """Named per-step values (scalars or vectors) summed over ranks in one message and read back in one
+    transfer: a scalar comes back as a float, a vector as a list, each under its own name."""
+    # Copies: the reduction writes its sums back into what it is given, never into the caller's tensors.
+    flat = {
+        name: v.detach().to(ctx.device, torch.float64, copy=True).reshape(-1) for name, v in values.items()
+    }
+    all_reduce_sum_(list(flat.values()), ctx)
+    summed = torch.cat(list(flat.values())).tolist()
+    out: dict[str, float | list[float]] = {}
+    offset = 0
+    for name, v in values.items():
+        chunk = summed[offset : offset + v.numel()]
+        out[name] = chunk[0] if v.dim() == 0 else chunk
+        offset += v.numel()
+    return out
 
 
 def _start_wandb(run_dir: Path, cfg: RunConfig):
