@@ -253,8 +253,8 @@ def report(row: dict) -> dict:
 
 def arc_episodes(data: str, batch: int, max_demos: int, device: str) -> tuple[dict[str, torch.Tensor], str]:
     """One training batch of a built dataset (e.g. ARC-AGI-1), as the training loop would draw it."""
+    from etrm.data.dataset import open_dataset
     from etrm.data.episodes import EpisodeSampler
-    from etrm.train.loop import open_dataset
 
     dataset = open_dataset(data)
     sampler = EpisodeSampler(

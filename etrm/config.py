@@ -27,7 +27,6 @@ class DataConfig:
     max_demos: int = 10  # demo slots per episode (extra demos dropped, missing ones masked)
     translate: bool = False  # TRM's random-offset augmentation on the training side
     num_aug_train: int = 0  # augmentations drawn from in training (0 = all stored)
-    num_workers: int = 0
 
 
 @dataclass

@@ -18,15 +18,12 @@ import torch
 from torch import nn
 
 from etrm.config import ArchConfig
+from etrm.data.encoding import CANVAS, IGNORE_LABEL_ID, PAD_TOKEN, canvas_corner
 from etrm.errors import EtrmError
 from etrm.models.encoders import EncoderOutput, build_encoder
-from etrm.models.grid_coords import canvas_corner
-from etrm.models.losses import IGNORE_LABEL_ID
 from etrm.models.trm import TRMDecoder
 
 FORWARD_DTYPES = ("auto", "float32", "bfloat16")
-CANVAS_SIDE = 30
-PAD_TOKEN = 0
 
 
 @dataclass
@@ -62,7 +59,7 @@ class ETRM(nn.Module):
         # arch.seq_len < 900 runs the decoder on the top-left side×side corner of the 30×30 canvas:
         # puzzles whose grids all fit (e.g. synthetic 3-12 grids, side 13) cost a fraction as much.
         self.canvas_side = math.isqrt(arch.seq_len)
-        if self.canvas_side**2 != arch.seq_len or not 1 <= self.canvas_side <= CANVAS_SIDE:
+        if self.canvas_side**2 != arch.seq_len or not 1 <= self.canvas_side <= CANVAS:
             raise EtrmError(
                 f"arch.seq_len={arch.seq_len} must be a square canvas side×side with side ≤ 30 (900 = full canvas)"
             )
@@ -156,9 +153,9 @@ class ETRM(nn.Module):
         A grid or a label reaching past the corner is an error: it could be neither read nor predicted.
         """
         tokens, side = current["inputs"], self.canvas_side
-        if side == CANVAS_SIDE:
+        if side == CANVAS:
             return tokens
-        outside = torch.ones(CANVAS_SIDE, CANVAS_SIDE, dtype=torch.bool, device=tokens.device)
+        outside = torch.ones(CANVAS, CANVAS, dtype=torch.bool, device=tokens.device)
         outside[:side, :side] = False
         outside = outside.view(-1)
         labels = current.get("labels")
@@ -173,13 +170,13 @@ class ETRM(nn.Module):
     def _full_canvas(self, logits: torch.Tensor) -> torch.Tensor:
         """[B, seq_len, V] → [B, 900, V]; cells outside the decoder's corner predict PAD (no gradient)."""
         side = self.canvas_side
-        if side == CANVAS_SIDE:
+        if side == CANVAS:
             return logits
         outside = torch.full((self.arch.vocab_size,), -1e4, dtype=logits.dtype, device=logits.device)
         outside[PAD_TOKEN] = 0.0
-        full = outside.expand(logits.shape[0], CANVAS_SIDE, CANVAS_SIDE, -1).clone()
+        full = outside.expand(logits.shape[0], CANVAS, CANVAS, -1).clone()
         full[:, :side, :side] = logits.view(logits.shape[0], side, side, -1)
-        return full.view(logits.shape[0], CANVAS_SIDE * CANVAS_SIDE, -1)
+        return full.view(logits.shape[0], CANVAS * CANVAS, -1)
 
     def _encode(self, reset: torch.Tensor, current: dict[str, torch.Tensor], carry: Carry) -> EncoderOutput:
         """Re-encode every row, or (encoder_reencode False) only the rows being reset, the others cached."""

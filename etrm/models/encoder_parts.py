@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from etrm import kernels
-from etrm.data.encoding import CANVAS, COLOR_OFFSET, PAD_TOKEN, SEQ_LEN
-from etrm.models.grid_coords import GridCoordinateEmbedding, canvas_corner, grid_coordinates
+from etrm.data.encoding import CANVAS, COLOR_OFFSET, PAD_TOKEN, SEQ_LEN, canvas_corner
+from etrm.models.grid_coords import GridCoordinateEmbedding, grid_coordinates
 from etrm.models.layers import CastedEmbedding, CastedLinear, PostNormBlock, SwiGLU, trunc_normal_init_
 
 LENGTH_GROUPS = 8  # demos of a batch are encoded in this many groups of similar length

@@ -2,8 +2,9 @@
 
 Every context module returns an `EncoderOutput`: the prefix slots, with `arch.cell_lookup` one
 vector per cell of the decoder's canvas (`CellLookup`'s), and the KL of variational encoders.
-Demo encoders read `demo_inputs`, `demo_outputs` [B, D, 900] and `demo_mask` [B, D]. They share one per-demo grid transformer (`encoder_parts.DemoGridEncoder`) and differ in how the
-demos are combined:
+Demo encoders read `demo_inputs`, `demo_outputs` [B, D, 900] and `demo_mask` [B, D]. They share
+one per-demo grid transformer (`encoder_parts.DemoGridEncoder`) and differ in how the demos are
+combined:
 
 - standard: summary token per demo → mean over demos → projection.
 - hybrid_standard: all demos' cell states → `context_len` learned queries (cross-attention).

@@ -55,7 +55,6 @@ RESUMABLE_CHANGES = (
     "train.keep_checkpoints",
     "train.spike_factor",
     "data.path",
-    "data.num_workers",
     "logging.project",
     "logging.run_name",
     "logging.wandb",
@@ -140,6 +139,7 @@ class Trainer:
     def __init__(
         self, cfg: RunConfig, run_dir: Path, ctx: DistContext, *, resume: bool = False, preset: str = ""
     ):
+        from etrm.data.dataset import open_dataset
         from etrm.data.episodes import EpisodeSampler
         from etrm.models import build_model
         from etrm.models.losses import ACTLossHead
@@ -577,17 +577,6 @@ def _compiled(loss_head: nn.Module, backend: str):
             f"train.compile={backend!r} is not off or a torch.compile backend ({', '.join(known)})"
         )
     return torch.compile(loss_head, backend=backend)
-
-
-def open_dataset(path: str):
-    from etrm.data.dataset import ArcDataset
-
-    if not Path(path).exists():
-        raise EtrmError(
-            f"data.path={path}: no dataset there; build one with `etrm data build --out {path}` "
-            f"or point --set data.path=... at a folder written by `etrm data build`"
-        )
-    return ArcDataset.open(path)
 
 
 def _init_decoder_from_trm(model: nn.Module, path: str, ctx: DistContext) -> float | None:
