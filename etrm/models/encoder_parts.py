@@ -232,9 +232,8 @@ class CellLookup(nn.Module):
         rows = torch.arange(side, device=query.device).repeat_interleave(side)
         cols = torch.arange(side, device=query.device).repeat(side)
         coords = grid_coordinates(cells, side) if self.cell_embedding.far_side_embedding is not None else None
-        embedded = self.cell_embedding(
-            cells, rows, cols, torch.zeros_like(rows), coords
-        )  # as demo input cells
+        # Embedded as demo input cells are (side 0).
+        embedded = self.cell_embedding(cells, rows, cols, torch.zeros_like(rows), coords)
         head_dim = width // self.num_heads
         q = self.q_proj(embedded.to(demo_states.dtype) * self.embed_scale)
         q = q.view(b, side * side, self.num_heads, head_dim).transpose(1, 2)
