@@ -3,7 +3,7 @@ augmentations <= 15 s and <= 50 MB on disk; sampler >= 20,000 episodes/s).
 
     python benchmarks/bench_data.py [--num-aug 1000] [--batch-size 768] [--batches 20]
 
-Prints a table and appends rows to benchmarks/RESULTS.md under "## bench_data". The
+Prints a table and appends its rows to benchmarks/results/bench_data.csv. The
 machine is shared, so each row also gives the process's CPU time and the load average.
 """
 
@@ -15,14 +15,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from results import append_table_rows, machine, utc_stamp  # benchmarks/results.py
+from results import append_rows, machine, utc_stamp  # benchmarks/results.py
 
 from etrm.console import console, render_table
 from etrm.data.build import BuildOptions, build_dataset, resolve_sources
 from etrm.data.dataset import ArcDataset
 from etrm.data.episodes import EpisodeSampler
 
-HEADING = "## bench_data"
+NAME = "bench_data"  # rows in benchmarks/results/bench_data.csv
 COLUMNS = ["date", "machine", "benchmark", "size", "wall", "cpu", "goal"]
 
 
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--num-aug", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=768)
     parser.add_argument("--batches", type=int, default=20)
-    parser.add_argument("--no-save", action="store_true", help="Do not append to RESULTS.md.")
+    parser.add_argument("--no-save", action="store_true", help="Do not append to benchmarks/results/.")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,7 +110,7 @@ def main() -> None:
         row.update(date=stamp, machine=description)
     console.print(render_table(rows, COLUMNS[2:], title=f"bench_data - {description}"))
     if not args.no_save:
-        append_table_rows(HEADING, COLUMNS, rows)
+        append_rows(NAME, COLUMNS, rows)
 
 
 if __name__ == "__main__":

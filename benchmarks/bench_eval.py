@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results import append_table_rows, machine, utc_stamp  # benchmarks/results.py
+from results import append_rows, machine, utc_stamp  # benchmarks/results.py
 from rich.console import Console
 from rich.table import Table
 
-HEADING = "## bench_eval"
+NAME = "bench_eval"  # rows in benchmarks/results/bench_eval.csv
 
 
 def synthetic_predictions(num_puzzles: int, num_augs: int, seed: int = 0):
@@ -138,7 +138,7 @@ def main() -> None:
     stamp, description = utc_stamp(), machine()
     for row in rows:
         row.update(date=stamp, machine=description)
-    append_table_rows(HEADING, ["date", "machine", "benchmark", "size", "value"], rows)
+    append_rows(NAME, ["date", "machine", "benchmark", "size", "value"], rows)
 
 
 if __name__ == "__main__":

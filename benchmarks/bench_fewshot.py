@@ -8,9 +8,9 @@ families out of training; the best encoder of the first part is trained and scor
 
     python benchmarks/bench_fewshot.py [--minutes 15] [--encoders standard,...] [--threads N]
 
-Prints a table and appends it to benchmarks/RESULTS.md under "## bench_fewshot". The time limit
-is wall-clock; each row also gives the steps trained and the process's CPU time, since a shared
-machine gives the runs unequal shares of it.
+Prints a table and appends it to benchmarks/results/bench_fewshot.csv, one row per (part, family,
+model) with the command. The time limit is wall-clock; each part also gives the steps trained and
+the process's CPU time, since a shared machine gives the runs unequal shares of it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from results import RESULTS, append_to_section, machine, utc_stamp  # benchmarks/results.py
+from results import append_rows, machine, utc_stamp  # benchmarks/results.py
 
 from etrm.config import ENCODER_TYPES
 from etrm.console import console, render_table
@@ -37,7 +37,7 @@ from etrm.quickstart import (
     train_and_evaluate,
 )
 
-HEADING = "## bench_fewshot"
+NAME = "bench_fewshot"  # rows in benchmarks/results/bench_fewshot.csv
 BASELINE = "puzzle_embedding"
 HELD_OUT_FAMILIES = ("border", "scale")
 
@@ -60,7 +60,7 @@ def train_one(data: Path, encoder: str, run_dir: Path, args) -> dict:
         data, encoder, args.minutes, seed=args.seed, grid_size=args.grid_size, extra=args.settings
     )
     wall, cpu = time.perf_counter(), time.process_time()
-    results = train_and_evaluate(cfg, run_dir, eval_num_aug=args.eval_num_aug, progress=True)
+    results, _ = train_and_evaluate(cfg, run_dir, eval_num_aug=args.eval_num_aug, progress=True)
     scores = {name: score for name, (_, score) in family_scores(results).items()}
     scores["all"] = results["metrics"]["pass@1"]
     scores.update(steps=results["step"], cpu_s=time.process_time() - cpu, wall_s=time.perf_counter() - wall)
@@ -79,12 +79,6 @@ def table_rows(part: str, families: list[str], floor: dict, runs: dict[str, dict
         | {name: f"{s['steps']} / {s['cpu_s']:.0f}" for name, s in runs.items()}
     )
     return rows
-
-
-def markdown(rows: list[dict], columns: list[str]) -> str:
-    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    out += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(out)
 
 
 def main() -> None:
@@ -117,7 +111,7 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="a config override for every run on top of the quickstart recipe (repeatable)",
     )
-    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results/")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -156,19 +150,24 @@ def main() -> None:
     console.print(render_table(rows, columns, title=title))
     if args.no_record:
         return
-    stamp = utc_stamp()
-    header = (
-        f"### {stamp}: {machine()}\n\n"
-        f"`python benchmarks/bench_fewshot.py --minutes {args.minutes:g} --encoders {','.join(encoders)} "
+    command = (
+        f"python benchmarks/bench_fewshot.py --minutes {args.minutes:g} --encoders {','.join(encoders)} "
         f"--families {','.join(families)} --held-out {','.join(held_out)} --train-puzzles {args.train_puzzles} "
         f"--test-puzzles {args.test_puzzles} --grid-size {args.grid_size[0]}..{args.grid_size[1]} "
         f"--num-aug {args.num_aug} --eval-num-aug {args.eval_num_aug} --threads {torch.get_num_threads()} "
-        f"--seed {args.seed}{''.join(f' --set {kv}' for kv in args.settings)}`\n\n"
-        f"pass@1 (votes over {args.eval_num_aug} augmentations); last row of each part: optimizer steps "
-        f"trained / process CPU seconds of training + evaluation.\n"
+        f"--seed {args.seed}{''.join(f' --set {kv}' for kv in args.settings)}"
     )
-    append_to_section(HEADING, ["", *header.splitlines(), "", *markdown(rows, columns).splitlines()])
-    console.print(f"appended to {RESULTS}")
+    # One row per (part, family, model): pass@1 voted over eval_num_aug augmentations, or for the
+    # family "steps / CPU s" the optimizer steps trained / process CPU seconds of training + evaluation.
+    common = {"date": utc_stamp(), "machine": machine(), "command": command}
+    records = [
+        {**common, "part": row["part"], "family": row["family"], "model": model, "value": row[model]}
+        for row in rows
+        for model in ["copy input", *encoders]
+        if row.get(model, "-") != "-"
+    ]
+    path = append_rows(NAME, ["date", "machine", "command", "part", "family", "model", "value"], records)
+    console.print(f"appended to {path}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ swiglu at TRM's inner size, rotary of q and k with 64-wide heads), and the set e
 cross-attention (16 queries, 8 heads of 64, Lk keys with a key mask). Each row gives the
 median time, the effective bandwidth (the bytes the op must move at minimum, the same count
 for every provider) or TFLOP/s, and that as a fraction of the device's measured peak (a large
-copy_ for bandwidth, a large matmul for TFLOP/s). Rows are appended to RESULTS.md.
+copy_ for bandwidth, a large matmul for TFLOP/s). Rows are appended to benchmarks/results/bench_kernels.csv;
+rows from a machine without CUDA are Triton-interpreter correctness checks, not timings.
 
 `--train-step PRESET` also times one ACT step (forward + backward, no optimizer) of that preset's
 model on one training batch of `--data DIR` (a built dataset; without it, 10 random demos of
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from results import append_table_rows, machine, utc_stamp  # benchmarks/results.py
+from results import append_rows, machine, utc_stamp  # benchmarks/results.py
 
 if not torch.cuda.is_available():
     # Must precede the first import of the kernel modules: @triton.jit reads it then.
@@ -41,7 +42,7 @@ from rich.table import Table  # noqa: E402
 from etrm.kernels import reference, triton_ops  # noqa: E402
 from etrm.models.layers import RotaryEmbedding, swiglu_inner_size  # noqa: E402
 
-HEADING = "## bench_kernels"
+NAME = "bench_kernels"  # rows in benchmarks/results/bench_kernels.csv
 TOKENS = 916  # 900 grid cells + 16 context slots
 EPS = 1e-5
 
@@ -253,8 +254,8 @@ def report(row: dict) -> dict:
 
 def arc_episodes(data: str, batch: int, max_demos: int, device: str) -> tuple[dict[str, torch.Tensor], str]:
     """One training batch of a built dataset (e.g. ARC-AGI-1), as the training loop would draw it."""
+    from etrm.data.dataset import open_dataset
     from etrm.data.episodes import EpisodeSampler
-    from etrm.train.loop import open_dataset
 
     dataset = open_dataset(data)
     sampler = EpisodeSampler(
@@ -537,7 +538,9 @@ def main() -> None:
     parser.add_argument(
         "--profile", metavar="DIR", help="with --train-step: write each path's top GPU kernels here"
     )
-    parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    parser.add_argument(
+        "--no-record", action="store_true", help="print only; do not append to benchmarks/results/"
+    )
     args = parser.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
 
@@ -562,13 +565,10 @@ def main() -> None:
         stamp, description = utc_stamp(), machine()
         for row in rows:
             row.update(date=stamp, machine=description)
-        append_table_rows(
-            HEADING,
+        append_rows(
+            NAME,
             ["date", "machine", "op", "size", "provider", "pass", "ms", "value"],
             rows,
-            intro=[
-                "Rows from a machine without CUDA are Triton-interpreter correctness checks, not timings."
-            ],
         )
 
 

@@ -31,12 +31,12 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from results import RESULTS, append_csv_rows, append_to_section, machine, utc_stamp  # benchmarks/results.py
+from results import RESULTS, append_rows, append_to_section, machine, utc_stamp  # benchmarks/results.py
 
 from etrm.console import console, render_table
 
 HEADING = "## bench_overfit"
-CSV = Path(__file__).with_name("bench_overfit.csv")
+NAME = "bench_overfit"  # rows in benchmarks/results/bench_overfit.csv
 PRESETS = ("E1a", "E1b", "E1d", "E2a", "E2b", "E2c")
 # What makes each preset itself; the rest of the quickstart recipe (sizes, optimizer) applies.
 PRESET_KEYS = ("arch.encoder_num_layers", "arch.halt_exploration_prob")
@@ -279,8 +279,8 @@ def main() -> None:
     if args.no_record:
         return
     stamp, where = utc_stamp(), machine()
-    append_csv_rows(
-        CSV,
+    csv_path = append_rows(
+        NAME,
         CSV_COLUMNS,
         [
             {"date": stamp, "machine": where, "minutes": args.minutes, "max_steps": args.steps,
@@ -297,7 +297,7 @@ def main() -> None:
     append_to_section(
         HEADING, ["", *header.splitlines(), "", *markdown(rows, COLUMNS).splitlines()], intro=INTRO
     )
-    console.print(f"appended to {CSV} and {RESULTS}")
+    console.print(f"appended to {csv_path} and {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@
 
 A step is one ACT step for every row (TRM's training step) on synthetic episodes with ARC-like
 grids (3–30 cells a side, 3 demos). On CPU each row also gives CPU time ÷ threads, which estimates
-the wall time of an idle machine when the machine is shared. Rows are appended to benchmarks/RESULTS.md.
+the wall time of an idle machine when the machine is shared. Rows are appended to
+benchmarks/results/bench_train_step.csv.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ import time
 
 import numpy as np
 import torch
-from results import append_table_rows, machine, utc_stamp  # benchmarks/results.py
+from results import append_rows, machine, utc_stamp  # benchmarks/results.py
 from rich.console import Console
 from rich.table import Table
 
 from etrm.config import RunConfig, apply_overrides, get_preset
 from etrm.data.encoding import IGNORE_LABEL_ID, encode_grid
 
-HEADING = "## bench_train_step"
+NAME = "bench_train_step"  # rows in benchmarks/results/bench_train_step.csv
 ARC_TRM = ["data.max_demos=10", "arch.num_puzzle_identifiers=1000"]
 
 
@@ -127,8 +128,11 @@ def time_steps(
 
         def encode():
             with autocast:
-                context, kl = model.encoder(batch)
-            (context.float().square().sum() + (kl.sum() if kl is not None else 0)).backward()
+                encoded = model.encoder(batch)
+            loss = encoded.slots.float().square().sum() + (encoded.kl.sum() if encoded.kl is not None else 0)
+            if encoded.cells is not None:
+                loss = loss + encoded.cells.float().square().sum()
+            loss.backward()
             model.zero_grad(set_to_none=True)
 
         for _ in range(warmup):
@@ -154,7 +158,9 @@ def main() -> None:
         "--encoder-batch", type=int, default=2, help="the reduced batch of the encoder-share rows"
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    parser.add_argument(
+        "--no-record", action="store_true", help="print only; do not append to benchmarks/results/"
+    )
     args = parser.parse_args()
     os.environ.setdefault("ETRM_KERNELS", "auto")
     device = torch.device(args.device)
@@ -219,7 +225,7 @@ def main() -> None:
         stamp, description = utc_stamp(), machine(device)
         for row in rows:
             row.update(date=stamp, machine=description)
-        append_table_rows(HEADING, ["date", "machine", "benchmark", "size", "value", "reference"], rows)
+        append_rows(NAME, ["date", "machine", "benchmark", "size", "value", "reference"], rows)
 
 
 if __name__ == "__main__":

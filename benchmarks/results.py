@@ -1,4 +1,9 @@
-"""What every benchmark script shares: a description of the machine and appending to RESULTS.md."""
+"""What every benchmark script shares: a description of the machine and its raw rows in a CSV.
+
+Each benchmark appends its rows to `benchmarks/results/NAME.csv` (one file per script, a row per
+measurement with its date and machine); `benchmarks/RESULTS.md` holds the current table of goals
+on top and the history of what was measured and why below it, written by hand.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import torch
 from etrm.io import atomic_write_bytes
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+RESULTS_DIR = Path(__file__).with_name("results")
 
 
 def machine(device: torch.device | str | None = None) -> str:
@@ -39,6 +45,28 @@ def utc_stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def append_rows(name: str, columns: Sequence[str], rows: Sequence[dict]) -> Path:
+    """Append rows (dicts keyed by column) to `benchmarks/results/NAME.csv`; returns the file.
+
+    A column the file does not have yet widens it (earlier rows get an empty cell there).
+    """
+    path = RESULTS_DIR / f"{name}.csv"
+    old_rows: list[dict] = []
+    header = list(columns)
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            old_rows = list(reader)
+            header = [*reader.fieldnames, *(c for c in columns if c not in reader.fieldnames)]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=header, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows([*old_rows, *({c: row.get(c, "") for c in columns} for row in rows)])
+    path.parent.mkdir(exist_ok=True)
+    atomic_write_bytes(path, out.getvalue().encode())
+    return path
+
+
 def append_to_section(heading: str, lines: Sequence[str], intro: Sequence[str] = ()) -> None:
     """Add `lines` at the end of `heading`'s section of RESULTS.md; a missing section starts with `intro`."""
     text = RESULTS.read_text().splitlines() if RESULTS.exists() else ["# Benchmark results"]
@@ -53,23 +81,3 @@ def append_to_section(heading: str, lines: Sequence[str], intro: Sequence[str] =
         section.pop()
     text = [*section, *lines, *([""] + rest if rest else [])]
     atomic_write_bytes(RESULTS, ("\n".join(text) + "\n").encode())
-
-
-def append_table_rows(
-    heading: str, columns: Sequence[str], rows: Sequence[dict], intro: Sequence[str] = ()
-) -> None:
-    """Append rows (dicts keyed by column) to the Markdown table of `heading`'s section."""
-    header = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines = ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
-    append_to_section(heading, lines, intro=[*intro, *([""] if intro else []), *header])
-
-
-def append_csv_rows(path: Path, columns: Sequence[str], rows: Sequence[dict]) -> None:
-    """Append raw rows to a CSV (header written when the file is new), the summary tables' source."""
-    existing = path.read_text() if path.exists() else ""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
-    if not existing:
-        writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(path, (existing + buffer.getvalue()).encode())

@@ -6,7 +6,8 @@ For rotary (q sliced out of a fused qkv tensor, as the model calls it; 8 and 24 
 add_rms_norm forward and backward (hidden 512 and 1,536), times the kernel at tiles of 1K–16K
 elements per tile and 4 or 8 warps, with rows = batch × 916 in bf16. Each row gives the bytes the
 launch must move over its median time, as a fraction of the measured copy bandwidth; the
-default tile (the one the model uses) is marked. Needs a CUDA GPU; rows go to RESULTS.md.
+default tile (the one the model uses) is marked. Needs a CUDA GPU; rows go to
+benchmarks/results/sweep_tiles.csv.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-from results import append_table_rows, machine, utc_stamp  # benchmarks/results.py
+from results import append_rows, machine, utc_stamp  # benchmarks/results.py
 from rich.console import Console
 from rich.table import Table
 
-HEADING = "## sweep_tiles"
+NAME = "sweep_tiles"  # rows in benchmarks/results/sweep_tiles.csv
 TOKENS = 916
 TILES = [(elements, warps) for elements in (1024, 2048, 4096, 8192, 16384) for warps in (4, 8)]
 
@@ -121,7 +122,7 @@ def main() -> None:
         stamp, description = utc_stamp(), machine()
         for row in rows:
             row.update(date=stamp, machine=description)
-        append_table_rows(HEADING, ["date", "machine", "kernel", "size", "tile", "ms", "value"], rows)
+        append_rows(NAME, ["date", "machine", "kernel", "size", "tile", "ms", "value"], rows)
 
 
 if __name__ == "__main__":

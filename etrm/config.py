@@ -29,7 +29,6 @@ class DataConfig:
     max_demos: int = 10  # demo slots per episode (extra demos dropped, missing ones masked)
     translate: bool = False  # TRM's random-offset augmentation on the training side
     num_aug_train: int = 0  # augmentations drawn from in training (0 = all stored)
-    num_workers: int = 0
 
 
 @dataclass
@@ -57,11 +56,6 @@ class ArchConfig:
     # every demo cell state, added to the decoder's token embeddings (demo encoders only). See
     # etrm/models/encoder_parts.py (CellLookup).
     cell_lookup: bool = False
-    # Each query cell also gets the answer proposed by whichever of a bank of whole-grid maps (the 8
-    # symmetries, each followed by a shift of up to grid_map_shift cells) best explains the demos
-    # (demo encoders only). A hand-built prior, not a learned part: see etrm/models/grid_maps.py.
-    grid_maps: bool = False
-    grid_map_shift: int = 2
     # context provider
     encoder_type: str = "hybrid_standard"
     context_len: int = 16  # filled prefix slots (1..puzzle_emb_len); the rest stay zero

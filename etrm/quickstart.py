@@ -9,6 +9,8 @@ the benchmark measure the same thing.
 from __future__ import annotations
 
 import math
+import os
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -53,13 +55,10 @@ CPU_FEWSHOT_SETTINGS = [
     "logging.wandb=disabled",
     "logging.log_interval=10",
 ]
-# What demo encoders get on top (the puzzle-embedding baseline has no demos to read):
-# - each query cell reads the demo cells paired with its colour (CellLookup). Without it every
-#   encoder stayed at 0 pass@1 on colour remapping; with it, 16/16 unseen colour_map puzzles.
-# - each query cell gets the token proposed by the grid map (symmetry, then shift) that best
-#   explains the demos (GridMapBank): a hand-built prior, so dihedral and translate measure
-#   whether the model learns to trust it (0 without it, 8/8 each with it after 8 CPU minutes).
-DEMO_ENCODER_SETTINGS = ["arch.cell_lookup=true", "arch.grid_maps=true"]
+# What demo encoders get on top (the puzzle-embedding baseline has no demos to read): each query
+# cell reads the demo cells paired with its colour (CellLookup); without it no encoder learned
+# colour remapping (benchmarks/RESULTS.md).
+DEMO_ENCODER_SETTINGS = ["arch.cell_lookup=true"]
 
 
 def prepare_synthetic(
@@ -103,8 +102,10 @@ def fewshot_config(
     seed: int = 0,
     grid_size: tuple[int, int] = FEWSHOT_GRID_SIZE,
     extra: list[str] = (),
+    steps: int = 0,
 ):
-    """The CPU recipe for one encoder type on a built synthetic dataset, stopping after `minutes`.
+    """The CPU recipe for one encoder type on a built synthetic dataset, stopping after `steps`
+    optimizer steps when given (the same run on any machine), else after `minutes` of wall time.
 
     The decoder sees only the canvas corner the grids can reach (side = largest grid + 1 for the
     EOS row and column): 81 tokens instead of 900 for 3..8 grids, most of a step's cost saved.
@@ -113,8 +114,13 @@ def fewshot_config(
 
     if encoder not in ENCODER_TYPES:
         raise EtrmError(f"--encoder {encoder!r}: choose one of {', '.join(ENCODER_TYPES)}")
-    if not minutes > 0:
+    if steps < 0:
+        raise EtrmError(f"--steps {steps}: must be positive (or 0 to train for --minutes)")
+    if not steps and not minutes > 0:
         raise EtrmError(f"--minutes {minutes}: must be positive")
+    budget = (
+        [f"train.max_steps={steps}", "train.max_minutes=0"] if steps else [f"train.max_minutes={minutes}"]
+    )
     return apply_overrides(
         RunConfig(),
         [
@@ -123,7 +129,7 @@ def fewshot_config(
             f"arch.encoder_type={encoder}",
             f"arch.seq_len={(grid_size[1] + 1) ** 2}",
             f"data.path={data}",
-            f"train.max_minutes={minutes}",
+            *budget,
             f"train.seed={seed}",
             f"logging.run_name={encoder}",
             *extra,
@@ -131,16 +137,21 @@ def fewshot_config(
     )
 
 
-def train_and_evaluate(cfg, run_dir: Path, eval_num_aug: int = EVAL_NUM_AUG, progress: bool = True) -> dict:
+def train_and_evaluate(
+    cfg, run_dir: Path, eval_num_aug: int = EVAL_NUM_AUG, progress: bool = True
+) -> tuple[dict, float]:
     """Train `cfg` into `run_dir`, then vote over `eval_num_aug` augmentations of every unseen test
     query with the final weights; the evaluation is written and logged as the training loop's own
-    evaluations are, so `etrm report` reads the run like any other. Returns results.json's content."""
+    evaluations are, so `etrm report` reads the run like any other. Returns (results.json's content,
+    training wall seconds)."""
     from etrm.eval import evaluate
     from etrm.runs.checkpoint import load_for_inference, load_trainer_state, resolve_checkpoint
     from etrm.train.loop import train
     from etrm.train.metrics import MetricsLogger
 
+    start = time.perf_counter()
     train(cfg, run_dir, progress=progress)
+    train_seconds = time.perf_counter() - start
     model, _, step = load_for_inference(run_dir, use_ema=cfg.train.ema)
     result = evaluate(
         model,
@@ -160,7 +171,14 @@ def train_and_evaluate(cfg, run_dir: Path, eval_num_aug: int = EVAL_NUM_AUG, pro
     row["eval/results"] = str((eval_dir / "results.json").relative_to(run_dir))
     logger.log(row)
     logger.close()
-    return result.results_json()
+    return result.results_json(), train_seconds
+
+
+def machine_load() -> dict[str, Any]:
+    """The 1-minute load average against the core count: above it, more threads wanted to run than
+    there were cores, so a time budget bought fewer steps than on an idle machine."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    return {"load_average": round(load, 2), "cores": cores, "loaded": load > cores}
 
 
 def family_scores(results: dict, k: int = 1) -> dict[str, tuple[int, float]]:
@@ -173,21 +191,27 @@ def family_scores(results: dict, k: int = 1) -> dict[str, tuple[int, float]]:
     return {name: (len(v), sum(v) / len(v)) for name, v in per_family.items()}
 
 
-def run_quickstart(out: Path, minutes: float, encoder: str, seed: int, progress: bool = True) -> dict:
-    """Synthesise → build → train for `minutes` → evaluate → report; returns what the command prints."""
+def run_quickstart(
+    out: Path, minutes: float, encoder: str, seed: int, progress: bool = True, steps: int = 0
+) -> dict:
+    """Synthesise → build → train for `steps` (or `minutes`) → evaluate → report; returns what the command prints."""
     from etrm.console import err_console
     from etrm.report.build import REPORT_FILE, build_report
 
     if out.exists() and any(out.iterdir()):
         raise EtrmError(f"--out {out}: already holds files; choose a new folder")
-    cfg = fewshot_config(out / "data", encoder, minutes, seed)  # bad options fail before any work
+    cfg = fewshot_config(
+        out / "data", encoder, minutes, seed, steps=steps
+    )  # bad options fail before any work
     err_console.print(f"[1/4] synthesising {', '.join(FEWSHOT_FAMILIES)} puzzles and building {out / 'data'}")
     data = prepare_synthetic(out, seed=seed)
-    err_console.print(f"[2/4] training a {encoder} ETRM on the CPU for {minutes:g} min")
+    budget = f"{steps} steps" if steps else f"{minutes:g} min"
+    err_console.print(f"[2/4] training a {encoder} ETRM on the CPU for {budget}")
     run_dir = out / "runs" / encoder
-    # Voting costs inference time: a run of a few seconds gets one augmentation, 8 minutes or more get 8.
-    eval_num_aug = max(1, min(EVAL_NUM_AUG, math.floor(minutes)))
-    results = train_and_evaluate(cfg, run_dir, eval_num_aug=eval_num_aug, progress=progress)
+    # Voting costs inference time: a run of a few seconds gets one augmentation, 8 minutes or more
+    # (or a step count) get 8.
+    eval_num_aug = EVAL_NUM_AUG if steps else max(1, min(EVAL_NUM_AUG, math.floor(minutes)))
+    results, train_seconds = train_and_evaluate(cfg, run_dir, eval_num_aug=eval_num_aug, progress=progress)
     err_console.print(
         f"[3/4] evaluated {len(results['puzzles'])} unseen test puzzles, {eval_num_aug} augmentation(s) voted"
     )
@@ -213,11 +237,18 @@ def run_quickstart(out: Path, minutes: float, encoder: str, seed: int, progress:
         "report": str(report_dir / REPORT_FILE),
         "data": str(data),
         "step": results["step"],
+        "steps_per_s": results["step"] / train_seconds,
+        **machine_load(),
     }
 
 
 def quickstart_command(
-    minutes: float = typer.Option(10.0, "--minutes", help="CPU training time."),
+    minutes: float = typer.Option(10.0, "--minutes", help="CPU training time (wall clock)."),
+    steps: int = typer.Option(
+        0,
+        "--steps",
+        help="Train this many optimizer steps instead of --minutes: the same run on any machine.",
+    ),
     encoder: str = typer.Option(
         "standard",
         "--encoder",
@@ -230,12 +261,20 @@ def quickstart_command(
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Synthesise few-shot puzzles, train a small ETRM on the CPU, score it on unseen puzzles."""
-    from etrm.console import console, emit, print_json
+    from etrm.console import console, emit, err_console, print_json
 
-    summary = run_quickstart(out, minutes, encoder, seed, progress=not as_json)
+    summary = run_quickstart(out, minutes, encoder, seed, progress=not as_json, steps=steps)
     if as_json:
         print_json(summary)
         return
     title = f"pass@k on unseen test puzzles after {summary['step']} steps ({encoder} encoder)"
     emit(summary["rows"], ["family", "puzzles", "pass@1", "pass@2"], as_json=False, title=title)
+    console.print(f"trained at {summary['steps_per_s']:.2f} steps/s", markup=False)
+    if summary["loaded"]:
+        err_console.print(
+            f"warning: the machine was loaded (load average {summary['load_average']} on "
+            f"{summary['cores']} cores), so a time budget trains fewer steps than on an idle machine; "
+            "use --steps N for a reproducible run",
+            markup=False,
+        )
     console.print(f"run folder: {summary['run']}\nreport: {summary['report']}", markup=False)

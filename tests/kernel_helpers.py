@@ -1,4 +1,6 @@
-"""Shared by the kernel tests: the float64 comparison rule, edge-case masks, a tiny ETRM episode.
+"""Shared by the kernel tests: the float64 comparison rule, each op's check (run by
+tests/test_kernels_triton.py in Triton's interpreter and by tests/test_kernels_cuda.py on a GPU, at
+shapes of their own), edge-case masks, a tiny ETRM episode.
 
 Tolerance rule (flash-attention's), in float32, float16 and bfloat16: the kernel's largest
 error against float64 must be within twice the error of plain PyTorch (the reference run at
@@ -12,6 +14,7 @@ import numpy as np
 import torch
 
 from etrm.config import ArchConfig
+from etrm.kernels import reference
 
 ULP_FLOOR = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -54,6 +57,71 @@ def check_against_float64(triton_fn, torch_fn, tensors, dtype, seed=0):
             f"{name}: error {err:.3g} > allowed {allowed:.3g} (plain torch {torch_err:.3g})"
         )
     return got_out, got_grads
+
+
+def check_add_rms_norm(ops, shape: tuple[int, ...], dtype: torch.dtype, device: str) -> None:
+    torch.manual_seed(1)
+    x, residual = torch.randn(shape, device=device) * 3, torch.randn(shape, device=device)
+    check_against_float64(
+        lambda a, b: ops.add_rms_norm(a, b, 1e-5),
+        lambda a, b: reference.add_rms_norm(a, b, 1e-5),
+        [x, residual],
+        dtype,
+    )
+
+
+def check_swiglu_on_halves_of_one_projection(
+    ops, shape: tuple[int, ...], dtype: torch.dtype, device: str
+) -> None:
+    torch.manual_seed(2)
+    gate_up = torch.randn(*shape[:-1], 2 * shape[-1], device=device) * 3
+
+    def halves(fn):
+        return lambda both: fn(*both.chunk(2, dim=-1))
+
+    check_against_float64(halves(ops.swiglu), halves(reference.swiglu), [gate_up], dtype)
+
+
+def check_apply_rotary_on_qkv_split(
+    ops, batch: int, seq_len: int, heads: int, head_dim: int, dtype: torch.dtype, device: str
+) -> None:
+    torch.manual_seed(3)
+    cos, sin = rope_tables(seq_len, head_dim)
+    qkv = torch.randn(batch, seq_len, 3 * heads, head_dim, device=device)
+
+    def on_k(fn):
+        return lambda both: fn(both.split(heads, dim=2)[1], *tables_for(both, cos, sin))
+
+    check_against_float64(on_k(ops.apply_rotary), on_k(reference.apply_rotary), [qkv], dtype)
+
+
+def check_cross_attention(
+    ops,
+    batch: int,
+    heads: int,
+    q_len: int,
+    k_len: int,
+    head_dim: int,
+    masked: bool,
+    dtype: torch.dtype,
+    device: str,
+) -> None:
+    """Masked: row 1 has no key (zeros and zero gradients, never NaN), masked keys get no gradient."""
+    torch.manual_seed(5)
+    q = torch.randn(batch, heads, q_len, head_dim, device=device)
+    # k and v as the encoder makes them: [B, Lk, H, D] projections viewed head-major.
+    k = (torch.randn(batch, k_len, heads, head_dim, device=device) * 2).transpose(1, 2)
+    v = torch.randn(batch, k_len, heads, head_dim, device=device).transpose(1, 2)
+    mask = key_mask_with_edge_rows(k_len, batch).to(device) if masked else None
+    out, (dq, dk, dv) = check_against_float64(
+        lambda *t: ops.cross_attention(*t, mask),
+        lambda *t: reference.cross_attention(*t, mask),
+        [q, k, v],
+        dtype,
+    )
+    if masked:
+        assert (out[1] == 0).all() and (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
+        assert (dk[~mask[:, None, :].expand(-1, heads, -1)] == 0).all()
 
 
 def rope_tables(seq_len: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,35 +167,20 @@ def tiny_episode(batch_size: int = 1) -> dict:
     }
 
 
+# On top of the shared `tiny_arch` (tests/conftest.py): head and tile sizes the kernels take
+# (head_dim 16) and every puzzle-embedding id the tiny episode uses; then short, non-random halting.
+KERNEL_ARCH = dict(num_heads=2, encoder_hidden_size=32, encoder_num_layers=1, num_puzzle_identifiers=3)
+KERNEL_ARCH.update(H_cycles=1, halt_max_steps=2, halt_exploration_prob=0.0, puzzle_emb_len=4, context_len=2)
+
+
 def two_act_steps(
-    encoder_type: str, batch: dict, forward_dtype: str = "auto", device: str = "cpu", **arch_overrides
+    arch: ArchConfig, batch: dict, device: str = "cpu"
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    """Losses and logits of two ACT steps of a freshly seeded tiny ETRM, and every parameter's gradient."""
+    """Losses and logits of two ACT steps of a freshly seeded model of `arch`, and every parameter's gradient."""
     from etrm.models import build_model
     from etrm.models.losses import ACTLossHead
 
     torch.manual_seed(0)
-    arch = ArchConfig(
-        hidden_size=32,
-        num_heads=2,
-        expansion=2.0,
-        L_layers=1,
-        H_cycles=1,
-        L_cycles=1,
-        halt_max_steps=2,
-        halt_exploration_prob=0.0,
-        puzzle_emb_len=4,
-        context_len=2,
-        encoder_type=encoder_type,
-        encoder_num_layers=1,
-        encoder_hidden_size=32,
-        encoder_num_heads=2,
-        encoder_latent_dim=8,
-        num_puzzle_identifiers=3,
-        forward_dtype=forward_dtype,
-    )
-    for name, value in arch_overrides.items():
-        setattr(arch, name, value)
     head = ACTLossHead(build_model(arch)).to(device).train()
     batch = {k: v.to(device) for k, v in batch.items()}
     carry = head.initial_carry(batch)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import results  # noqa: E402
 from bench_overfit import overfit_config  # noqa: E402
-from results import append_csv_rows  # noqa: E402
 
 
 def test_each_preset_keeps_its_encoder_at_the_recipe_sizes(tmp_path):
@@ -32,8 +32,8 @@ def test_each_preset_keeps_its_encoder_at_the_recipe_sizes(tmp_path):
         assert (t.max_minutes, t.max_steps, t.seed, t.lr, t.global_batch_size) == (15.0, 1750, 3, 2e-3, 32)
 
 
-def test_csv_rows_are_appended_under_one_header(tmp_path):
-    path = tmp_path / "rows.csv"
-    append_csv_rows(path, ["a", "b"], [{"a": 1, "b": "x,y"}])
-    append_csv_rows(path, ["a", "b"], [{"a": 2, "b": 0.5}, {"a": 3, "b": ""}])
+def test_csv_rows_are_appended_under_one_header(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    path = results.append_rows("rows", ["a", "b"], [{"a": 1, "b": "x,y"}])
+    results.append_rows("rows", ["a", "b"], [{"a": 2, "b": 0.5}, {"a": 3, "b": ""}])
     assert path.read_text() == 'a,b\n1,"x,y"\n2,0.5\n3,\n'

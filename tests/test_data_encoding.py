@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
+from reference_files import TRM_IO  # tests/reference_files.py
 
-from etrm.data.encoding import IGNORE_LABEL_ID, decode_grid, encode_grid, labels_from_tokens
-
-PARITY = "/work/shared/reference/trm_parity/trm_A_io.npz"
+from etrm.data.encoding import IGNORE_LABEL_ID, canvas_corner, decode_grid, encode_grid, labels_from_tokens
 
 
 def expected_canvas(grid):
@@ -52,7 +51,7 @@ def test_matches_trm_reference_encoding():
 
     from etrm.data.sources import load_source
 
-    fixture = np.load(PARITY)
+    fixture = np.load(TRM_IO)
     tasks = {t.task_id: t for t in load_source("arc-agi-1-eval").tasks}
     for i, task_id in enumerate(fixture["task_ids"]):
         query_in, query_out = tasks[str(task_id)].queries[int(fixture["test_index"][i])]
@@ -77,3 +76,14 @@ def test_decode_without_grid_is_none():
     tokens = encode_grid(np.ones((2, 2), int))
     tokens[0] = 1
     assert decode_grid(tokens) is None
+
+
+def test_canvas_corner_is_the_top_left_square_for_numpy_and_torch():
+    import torch
+
+    grids = [np.arange(12).reshape(3, 4) % 10, np.full((2, 2), 7)]
+    tokens = np.stack([encode_grid(g) for g in grids])
+    expected = np.stack([expected_canvas(g).reshape(30, 30)[:5, :5].reshape(-1) for g in grids])
+    np.testing.assert_array_equal(canvas_corner(tokens, 5), expected)
+    np.testing.assert_array_equal(canvas_corner(torch.from_numpy(tokens), 5).numpy(), expected)
+    np.testing.assert_array_equal(canvas_corner(tokens, 30), tokens)

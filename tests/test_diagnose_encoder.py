@@ -49,7 +49,7 @@ def fake_encoder(puzzle_scale, aug_scale, calls):
 
     def encode(batch):
         calls.append(batch["group_ids"].tolist())
-        return puzzle_scale * f[batch["group_ids"]] + aug_scale * g[batch["aug_ids"]], None
+        return puzzle_scale * f[batch["group_ids"]] + aug_scale * g[batch["aug_ids"]]
 
     return encode
 
@@ -86,11 +86,11 @@ def test_collapse_warning(puzzle_scale, aug_scale, collapsed):
 
 @pytest.mark.parametrize(
     "per_cell",
-    [[], ["arch.cell_lookup=true", "arch.grid_maps=true", "arch.seq_len=16"]],
+    [[], ["arch.cell_lookup=true", "arch.seq_len=16"]],
     ids=["slots", "slots+per-cell"],
 )
 def test_encoder_cli_on_a_tiny_checkpoint(tmp_path, per_cell):
-    """With per-cell vectors after the slots (cell lookup, grid maps), only the context_len slots are listed."""
+    """With per-cell vectors after the slots (cell lookup), only the context_len slots are listed."""
     from etrm.config import apply_overrides, get_preset
     from etrm.data.build import BuildOptions, build_dataset
     from etrm.models import build_model

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from etrm.config import ArchConfig, RunConfig
+from etrm.config import RunConfig
 from etrm.errors import EtrmError
 from etrm.models.encoder_parts import CrossAttentionPool
 from etrm.models.encoders import build_encoder
@@ -14,27 +14,6 @@ from etrm.models.layers import swiglu_inner_size
 
 ENCODER_TYPES = ("standard", "hybrid_standard", "hybrid_variational", "lpn_var")
 VARIATIONAL = ("hybrid_variational", "lpn_var")
-
-
-def tiny_arch(encoder_type: str, **overrides) -> ArchConfig:
-    fields = dict(
-        hidden_size=32,
-        num_heads=4,
-        expansion=2.0,
-        L_layers=1,
-        H_cycles=2,
-        L_cycles=1,
-        halt_max_steps=3,
-        puzzle_emb_len=8,
-        encoder_type=encoder_type,
-        encoder_num_layers=2,
-        encoder_hidden_size=24,
-        encoder_num_heads=2,
-        encoder_latent_dim=8,
-        context_len=4,
-    )
-    fields.update(overrides)
-    return ArchConfig(**fields)
 
 
 def canvas_tokens(grid: np.ndarray) -> torch.Tensor:
@@ -83,9 +62,15 @@ def place_demos(demos, slot_of_demo: list[int], slots: int):
     return batch
 
 
-def fresh_encoder(encoder_type: str, seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    return build_encoder(tiny_arch(encoder_type, **overrides)).eval()
+@pytest.fixture
+def fresh_encoder(tiny_arch):
+    """`fresh_encoder(encoder_type, seed=0, **overrides)`: a seeded encoder of the tiny model, in eval mode."""
+
+    def build(encoder_type: str, seed: int = 0, **overrides):
+        torch.manual_seed(seed)
+        return build_encoder(tiny_arch(encoder_type, **overrides)).eval()
+
+    return build
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +80,13 @@ def demos():
 
 
 @pytest.mark.parametrize("encoder_type", ENCODER_TYPES)
-def test_context_invariant_to_demo_order_and_empty_slots(encoder_type, demos):
+def test_context_invariant_to_demo_order_and_empty_slots(encoder_type, demos, fresh_encoder):
     encoder = fresh_encoder(encoder_type)
     with torch.no_grad():
-        reference, kl_reference = encoder(make_batch([demos], 3))
-        shuffled, kl_shuffled = encoder(place_demos(demos, [5, 0, 3], slots=7))
+        encoded = encoder(make_batch([demos], 3))
+        reference, kl_reference = encoded.slots, encoded.kl
+        encoded = encoder(place_demos(demos, [5, 0, 3], slots=7))
+        shuffled, kl_shuffled = encoded.slots, encoded.kl
     assert reference.shape == (1, 4, 32)
     assert torch.allclose(reference, shuffled, atol=1e-5, rtol=1e-5)
     if encoder_type in VARIATIONAL:
@@ -109,31 +96,31 @@ def test_context_invariant_to_demo_order_and_empty_slots(encoder_type, demos):
 
 
 @pytest.mark.parametrize("encoder_type", VARIATIONAL)
-def test_training_samples_ignore_empty_slots(encoder_type, demos):
+def test_training_samples_ignore_empty_slots(encoder_type, demos, fresh_encoder):
     """With the same seed, trailing empty slots leave the sampled context unchanged."""
     encoder = fresh_encoder(encoder_type).train()
     with torch.no_grad():
         torch.manual_seed(5)
-        reference, _ = encoder(make_batch([demos, demos[:1]], 3))
+        reference = encoder(make_batch([demos, demos[:1]], 3)).slots
         torch.manual_seed(5)
-        padded, _ = encoder(make_batch([demos, demos[:1]], 6, garbage_in_empty=True))
+        padded = encoder(make_batch([demos, demos[:1]], 6, garbage_in_empty=True)).slots
     assert torch.allclose(reference, padded, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("encoder_type", ENCODER_TYPES)
-def test_context_of_a_row_does_not_depend_on_the_other_rows(encoder_type, demos):
+def test_context_of_a_row_does_not_depend_on_the_other_rows(encoder_type, demos, fresh_encoder):
     """Other rows' larger grids lengthen every demo's sequence; the padded tail must stay masked."""
     rng = np.random.default_rng(1)
     big = [random_pair(rng, 30, 30), random_pair(rng, 12, 7)]
     encoder = fresh_encoder(encoder_type)
     with torch.no_grad():
-        alone, _ = encoder(make_batch([demos], 3))
-        batched, _ = encoder(make_batch([big, demos, demos[:1]], 4))
+        alone = encoder(make_batch([demos], 3)).slots
+        batched = encoder(make_batch([big, demos, demos[:1]], 4)).slots
     assert torch.allclose(alone[0], batched[1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("encoder_type", ENCODER_TYPES)
-def test_grouping_demos_by_length_changes_cost_not_result(encoder_type, demos):
+def test_grouping_demos_by_length_changes_cost_not_result(encoder_type, demos, fresh_encoder):
     """Encoding demos in length groups (each cut at its own longest) equals one padded batch, gradients too."""
     rng = np.random.default_rng(2)
     rows = [
@@ -148,7 +135,8 @@ def test_grouping_demos_by_length_changes_cost_not_result(encoder_type, demos):
         encoder = fresh_encoder(encoder_type)
         encoder.grid_encoder.length_groups = groups
         torch.manual_seed(9)  # the variational encoders sample in training mode
-        context, kl = encoder.train()(batch)
+        encoded = encoder.train()(batch)
+        context, kl = encoded.slots, encoded.kl
         loss = context.square().sum() + (kl.sum() if kl is not None else 0)
         loss.backward()
         results[groups] = (
@@ -164,10 +152,11 @@ def test_grouping_demos_by_length_changes_cost_not_result(encoder_type, demos):
 
 
 @pytest.mark.parametrize("encoder_type", ENCODER_TYPES)
-def test_single_demo_and_demo_less_rows_are_finite_with_zero_context(encoder_type, demos):
+def test_single_demo_and_demo_less_rows_are_finite_with_zero_context(encoder_type, demos, fresh_encoder):
     encoder = fresh_encoder(encoder_type).train()
     batch = make_batch([demos[:1], [], demos], slots=3, garbage_in_empty=True)
-    context, kl = encoder(batch)
+    encoded = encoder(batch)
+    context, kl = encoded.slots, encoded.kl
     assert torch.isfinite(context).all()
     assert torch.equal(context[1], torch.zeros_like(context[1]))
     assert context[0].abs().sum() > 0 and context[2].abs().sum() > 0
@@ -179,32 +168,34 @@ def test_single_demo_and_demo_less_rows_are_finite_with_zero_context(encoder_typ
         assert torch.isfinite(kl).all() and kl[1] == 0 and (kl[[0, 2]] > 0).all()
 
     nothing = make_batch([[], []], slots=2, garbage_in_empty=True)
-    context, kl = encoder(nothing)
+    encoded = encoder(nothing)
+    context, kl = encoded.slots, encoded.kl
     assert context.shape == (2, 4, 32) and torch.equal(context, torch.zeros_like(context))
     assert kl is None or torch.equal(kl, torch.zeros(2))
 
 
 @pytest.mark.parametrize("encoder_type", ENCODER_TYPES)
-def test_changing_a_demo_changes_the_context(encoder_type, demos):
+def test_changing_a_demo_changes_the_context(encoder_type, demos, fresh_encoder):
     encoder = fresh_encoder(encoder_type)
     changed = [(grid_in, grid_out.copy()) for grid_in, grid_out in demos]
     changed[1][1][0, 0] = (changed[1][1][0, 0] + 1) % 10
     with torch.no_grad():
-        before, _ = encoder(make_batch([demos], 3))
-        after, _ = encoder(make_batch([changed], 3))
+        before = encoder(make_batch([demos], 3)).slots
+        after = encoder(make_batch([changed], 3)).slots
     assert (before - after).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("encoder_type", VARIATIONAL)
-def test_variational_encoders_sample_in_training_and_use_the_mean_in_eval(encoder_type, demos):
+def test_variational_encoders_sample_in_training_and_use_the_mean_in_eval(encoder_type, demos, fresh_encoder):
     encoder = fresh_encoder(encoder_type, encoder_latent_dim=32, kl_weight=0.1)
     captured = {}
     encoder.latent.mean_logvar.register_forward_hook(lambda m, i, out: captured.update(stats=out.detach()))
     encoder.latent.register_forward_hook(lambda m, i, out: captured.update(z=out[0].detach()))
     batch = make_batch([demos, demos[:2], demos[1:]], 3)
     with torch.no_grad():
-        first, kl_eval = encoder(batch)
-        second, _ = encoder(batch)
+        encoded = encoder(batch)
+        first, kl_eval = encoded.slots, encoded.kl
+        second = encoder(batch).slots
         assert torch.equal(first, second)
         mean = captured["stats"].chunk(2, dim=-1)[0]
         assert torch.equal(captured["z"], mean)
@@ -212,7 +203,8 @@ def test_variational_encoders_sample_in_training_and_use_the_mean_in_eval(encode
         encoder.train()
         noise = []
         for _ in range(10):
-            context, kl_train = encoder(batch)
+            encoded = encoder(batch)
+            context, kl_train = encoded.slots, encoded.kl
             mean, logvar = captured["stats"].chunk(2, dim=-1)
             noise.append((captured["z"] - mean) / torch.exp(0.5 * logvar))
         assert not torch.allclose(context, first)
@@ -243,9 +235,9 @@ def test_kl_zero_means_deterministic_unless_variational_sample_says_otherwise(
     encoder = build_encoder(arch).train()
     batch = make_batch([demos, demos[:2]], 3)
     with torch.no_grad():
-        first, _ = encoder(batch)
-        second, _ = encoder(batch)
-        mean, _ = encoder.eval()(batch)
+        first = encoder(batch).slots
+        second = encoder(batch).slots
+        mean = encoder.eval()(batch).slots
     assert torch.equal(first, second) is not samples
     assert torch.equal(first, mean) is not samples  # not sampling = the posterior mean, as in eval
 
@@ -260,12 +252,12 @@ def test_variational_sample_takes_three_values():
 
 
 @pytest.mark.parametrize("encoder_type", VARIATIONAL)
-def test_kl_matches_float64_closed_form(encoder_type, demos):
+def test_kl_matches_float64_closed_form(encoder_type, demos, fresh_encoder):
     encoder = fresh_encoder(encoder_type).train()
     captured = {}
     encoder.latent.mean_logvar.register_forward_hook(lambda m, i, out: captured.update(stats=out.detach()))
     rows = [demos, [], demos[:1], demos[1:]]
-    _, kl = encoder(make_batch(rows, 3))
+    kl = encoder(make_batch(rows, 3)).kl
     mean, logvar = captured["stats"].double().chunk(2, dim=-1)
     per_posterior = (0.5 * (mean**2 + logvar.exp() - 1.0 - logvar)).sum(-1)
     if encoder_type == "lpn_var":  # one posterior per present demo, averaged over each row's demos
@@ -308,7 +300,7 @@ def test_set_pool_matches_float64_per_sample_reference():
         assert torch.allclose(out[b], expected, atol=1e-10)
 
 
-def test_parameter_count_matches_closed_form():
+def test_parameter_count_matches_closed_form(tiny_arch):
     width, hidden, inner = 24, 32, swiglu_inner_size(24, 2.0)
     embeddings = (12 + 30 + 30 + 2 + 1) * width  # colours, rows, columns, sides, summary token
     block = width * 3 * width + width * width + width * 2 * inner + inner * width
@@ -318,11 +310,11 @@ def test_parameter_count_matches_closed_form():
 
 
 @pytest.mark.parametrize("encoder_type", ENCODER_TYPES)
-def test_context_starts_at_the_token_embedding_scale(encoder_type, demos):
+def test_context_starts_at_the_token_embedding_scale(encoder_type, demos, fresh_encoder):
     """The decoder scales its prefix by sqrt(hidden) like its token embeddings (table RMS 1/sqrt(hidden))."""
     encoder = fresh_encoder(encoder_type, hidden_size=64)
     with torch.no_grad():
-        context, _ = encoder(make_batch([demos, demos[1:]], 3))
+        context = encoder(make_batch([demos, demos[1:]], 3)).slots
     rms = context.square().mean().sqrt().item()
     assert 0.5 / 8 < rms < 2.0 / 8
 
@@ -337,7 +329,7 @@ def test_context_starts_at_the_token_embedding_scale(encoder_type, demos):
         ({"encoder_type": "transformer"}, "arch.encoder_type"),
     ],
 )
-def test_config_rejects_bad_encoder_arch(overrides, named):
+def test_config_rejects_bad_encoder_arch(overrides, named, tiny_arch):
     with pytest.raises(EtrmError, match=named):
         RunConfig(arch=tiny_arch(overrides.pop("encoder_type", "hybrid_standard"), **overrides)).validate()
 
@@ -354,7 +346,7 @@ def episode_batch(demo_rows, slots: int) -> dict:
 
 
 @pytest.mark.parametrize("encoder_type", ENCODER_TYPES)
-def test_changing_the_demos_changes_the_decoder_output(encoder_type, demos):
+def test_changing_the_demos_changes_the_decoder_output(encoder_type, demos, tiny_arch):
     from etrm.models import build_model
 
     torch.manual_seed(0)
@@ -371,7 +363,7 @@ def test_changing_the_demos_changes_the_decoder_output(encoder_type, demos):
 
 
 @pytest.mark.parametrize("reencode", [True, False])
-def test_encoder_gradient_at_each_act_step_follows_encoder_reencode(reencode, demos):
+def test_encoder_gradient_at_each_act_step_follows_encoder_reencode(reencode, demos, tiny_arch):
     """Re-encoding: gradient at every step; caching: only at steps where some row (re)started."""
     from etrm.models import build_model
     from etrm.models.losses import ACTLossHead

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from etrm.config import ArchConfig, RunConfig
+from etrm.config import RunConfig
 from etrm.data.build import BuildOptions, build_dataset
 from etrm.data.dataset import ArcDataset
 from etrm.data.encoding import IGNORE_LABEL_ID, PAD_TOKEN, encode_grid
@@ -143,23 +143,7 @@ def test_train_split_scores_only_puzzles_with_queries(sources):
     assert result.results_json()["fewshot"] is False
 
 
-def tiny_arch():
-    return ArchConfig(
-        hidden_size=32,
-        num_heads=2,
-        expansion=2,
-        L_layers=1,
-        H_cycles=1,
-        L_cycles=1,
-        halt_max_steps=2,
-        puzzle_emb_len=2,
-        context_len=2,
-        encoder_type="standard",
-        encoder_num_layers=1,
-    )
-
-
-def test_tiny_model_gives_identical_results_twice_and_keeps_its_mode(dataset):
+def test_tiny_model_gives_identical_results_twice_and_keeps_its_mode(dataset, tiny_arch):
     torch.manual_seed(0)
     model = build_model(tiny_arch()).train()
     kwargs = dict(num_aug=2, batch_size=5, max_demos=3, progress=False)
@@ -173,7 +157,7 @@ def test_tiny_model_gives_identical_results_twice_and_keeps_its_mode(dataset):
     assert np.isfinite(first.predictions.q_halt).all()
 
 
-def test_cli_evaluates_a_checkpoint_and_writes_the_eval_folder(dataset, tmp_path, capsys):
+def test_cli_evaluates_a_checkpoint_and_writes_the_eval_folder(dataset, tmp_path, capsys, tiny_arch):
     from etrm.cli import main
     from etrm.runs.checkpoint import save_checkpoint
 
@@ -213,7 +197,7 @@ def test_task_subset_scores_those_puzzles_as_the_full_run_does(dataset):
         evaluate(ScriptedModel(oracle), dataset, progress=False, task_ids=["6ea4a07f"])
 
 
-def test_cli_task_on_a_checkpoint_prints_and_writes_nothing_by_default(dataset, tmp_path, capsys):
+def test_cli_task_on_a_checkpoint_prints_and_writes_nothing_by_default(dataset, tmp_path, capsys, tiny_arch):
     from etrm.cli import main
     from etrm.runs.checkpoint import save_checkpoint
 

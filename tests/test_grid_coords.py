@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_encoders import canvas_tokens, episode_batch, random_pair, tiny_arch  # tests/test_encoders.py
+from test_encoders import canvas_tokens, episode_batch, random_pair  # tests/test_encoders.py
 
 from etrm.models import build_model
 from etrm.models.grid_coords import OUTSIDE, grid_coordinates
@@ -48,7 +48,7 @@ def coordinate_parameters(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("encoder_type", ["standard", "hybrid_standard"])
-def test_grid_coords_off_is_the_plain_model_and_on_uses_the_tables(encoder_type):
+def test_grid_coords_off_is_the_plain_model_and_on_uses_the_tables(encoder_type, tiny_arch):
     torch.manual_seed(0)
     plain = build_model(tiny_arch(encoder_type)).eval()
     with_coords = build_model(tiny_arch(encoder_type, grid_coords=True)).eval()
@@ -75,7 +75,7 @@ def test_grid_coords_off_is_the_plain_model_and_on_uses_the_tables(encoder_type)
     torch.testing.assert_close(logits(with_coords), logits(plain), rtol=0, atol=1e-6)
     for name in (
         "decoder.grid_coords.tables.2.embedding_weight",
-        "encoder.grid_encoder.far_side_embedding.tables.1.embedding_weight",
+        "encoder.grid_encoder.cell_embedding.far_side_embedding.tables.1.embedding_weight",
     ):
         with torch.no_grad():
             for table in extra.values():

@@ -14,16 +14,16 @@ import pytest
 import torch
 from kernel_helpers import (  # tests/kernel_helpers.py
     DTYPES,
-    check_against_float64,
-    key_mask_with_edge_rows,
-    rope_tables,
-    tables_for,
+    KERNEL_ARCH,
+    check_add_rms_norm,
+    check_apply_rotary_on_qkv_split,
+    check_cross_attention,
+    check_swiglu_on_halves_of_one_projection,
     tiny_episode,
     two_act_steps,
 )
 
 from etrm.config import ENCODER_TYPES
-from etrm.kernels import reference
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
@@ -41,39 +41,19 @@ def ops():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(4 * TOKENS, 512), (2, TOKENS, 1536), (37, 53), (1, 1, 1023)])
 def test_add_rms_norm(ops, shape, dtype):
-    torch.manual_seed(1)
-    x, residual = torch.randn(shape, device=CUDA) * 3, torch.randn(shape, device=CUDA)
-    check_against_float64(
-        lambda a, b: ops.add_rms_norm(a, b, 1e-5),
-        lambda a, b: reference.add_rms_norm(a, b, 1e-5),
-        [x, residual],
-        dtype,
-    )
+    check_add_rms_norm(ops, shape, dtype, CUDA)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(4 * TOKENS, 1536), (2, TOKENS, 4096), (5, 123)])
 def test_swiglu_on_halves_of_one_projection(ops, shape, dtype):
-    torch.manual_seed(2)
-    gate_up = torch.randn(*shape[:-1], 2 * shape[-1], device=CUDA) * 3
-
-    def halves(fn):
-        return lambda both: fn(*both.chunk(2, dim=-1))
-
-    check_against_float64(halves(ops.swiglu), halves(reference.swiglu), [gate_up], dtype)
+    check_swiglu_on_halves_of_one_projection(ops, shape, dtype, CUDA)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("batch", "seq_len", "heads", "head_dim"), [(4, TOKENS, 8, 64), (2, 7, 3, 32)])
 def test_apply_rotary_on_qkv_split(ops, batch, seq_len, heads, head_dim, dtype):
-    torch.manual_seed(3)
-    cos, sin = rope_tables(seq_len, head_dim)
-    qkv = torch.randn(batch, seq_len, 3 * heads, head_dim, device=CUDA)
-
-    def on_k(fn):
-        return lambda both: fn(both.split(heads, dim=2)[1], *tables_for(both, cos, sin))
-
-    check_against_float64(on_k(ops.apply_rotary), on_k(reference.apply_rotary), [qkv], dtype)
+    check_apply_rotary_on_qkv_split(ops, batch, seq_len, heads, head_dim, dtype, CUDA)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -81,22 +61,7 @@ def test_apply_rotary_on_qkv_split(ops, batch, seq_len, heads, head_dim, dtype):
     ("k_len", "head_dim"), [(1, 32), (17, 64), (300, 128), (2000, 64), (18000, 64), (18000, 128), (8191, 32)]
 )
 def test_cross_attention(ops, k_len, head_dim, dtype):
-    torch.manual_seed(5)
-    batch, heads, q_len = 5, 8, 16
-    q = torch.randn(batch, heads, q_len, head_dim, device=CUDA)
-    # k and v as the encoder makes them: [B, Lk, H, D] projections viewed head-major.
-    k = (torch.randn(batch, k_len, heads, head_dim, device=CUDA) * 2).transpose(1, 2)
-    v = torch.randn(batch, k_len, heads, head_dim, device=CUDA).transpose(1, 2)
-    mask = key_mask_with_edge_rows(k_len, batch).to(CUDA)
-    out, (dq, dk, dv) = check_against_float64(
-        lambda *t: ops.cross_attention(*t, mask),
-        lambda *t: reference.cross_attention(*t, mask),
-        [q, k, v],
-        dtype,
-    )
-    # Row 1 has no key: zeros and zero gradients, never NaN; masked keys get no gradient.
-    assert (out[1] == 0).all() and (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
-    assert (dk[~mask[:, None, :].expand(-1, heads, -1)] == 0).all()
+    check_cross_attention(ops, 5, 8, 16, k_len, head_dim, True, dtype, CUDA)
 
 
 def test_dispatch_auto_uses_triton_on_cuda(monkeypatch):
@@ -114,7 +79,7 @@ def relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("encoder_type", ENCODER_TYPES)
-def test_tiny_etrm_on_cuda_matches_torch_path(encoder_type, monkeypatch):
+def test_tiny_etrm_on_cuda_matches_torch_path(encoder_type, monkeypatch, tiny_arch):
     """Every encoder type, two ACT steps forward and backward on the GPU.
 
     float32: the Triton path equals the torch path to float32 rounding. bfloat16 autocast (what
@@ -127,7 +92,8 @@ def test_tiny_etrm_on_cuda_matches_torch_path(encoder_type, monkeypatch):
     for mode in ("torch", "triton"):
         monkeypatch.setenv("ETRM_KERNELS", mode)
         for forward_dtype in ("float32", "bfloat16"):
-            runs[mode, forward_dtype] = two_act_steps(encoder_type, batch, forward_dtype, device=CUDA)
+            arch = tiny_arch(encoder_type, **KERNEL_ARCH, forward_dtype=forward_dtype)
+            runs[mode, forward_dtype] = two_act_steps(arch, batch, device=CUDA)
 
     (exact_results, exact_grads) = runs["torch", "float32"]
     (f32_results, f32_grads) = runs["triton", "float32"]

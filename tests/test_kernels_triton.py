@@ -1,7 +1,7 @@
 """Triton kernels (run in Triton's CPU interpreter) against a float64 evaluation of etrm.kernels.reference.
 
-The tolerance rule is in tests/kernel_helpers.py; tests/test_kernels_cuda.py runs the same checks
-at the model's real shapes on a GPU.
+The tolerance rule and the op checks are in tests/kernel_helpers.py; tests/test_kernels_cuda.py
+runs the same checks at the model's real shapes on a GPU.
 """
 
 from __future__ import annotations
@@ -16,7 +16,12 @@ import pytest
 import torch
 from kernel_helpers import (  # tests/kernel_helpers.py
     DTYPES,
+    KERNEL_ARCH,
+    check_add_rms_norm,
     check_against_float64,
+    check_apply_rotary_on_qkv_split,
+    check_cross_attention,
+    check_swiglu_on_halves_of_one_projection,
     key_mask_with_edge_rows,
     rope_tables,
     tables_for,
@@ -57,39 +62,19 @@ def ops():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 5, 96), (37, 53), (1, 1, 1023)])
 def test_add_rms_norm(ops, shape, dtype):
-    torch.manual_seed(1)
-    x, residual = torch.randn(shape) * 3, torch.randn(shape)
-    check_against_float64(
-        lambda a, b: ops.add_rms_norm(a, b, 1e-5),
-        lambda a, b: reference.add_rms_norm(a, b, 1e-5),
-        [x, residual],
-        dtype,
-    )
+    check_add_rms_norm(ops, shape, dtype, "cpu")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 29, 70), (5, 123), (1, 1, 1023)])
 def test_swiglu_on_halves_of_one_projection(ops, shape, dtype):
-    torch.manual_seed(2)
-    gate_up = torch.randn(*shape[:-1], 2 * shape[-1]) * 3
-
-    def halves(fn):
-        return lambda both: fn(*both.chunk(2, dim=-1))
-
-    check_against_float64(halves(ops.swiglu), halves(reference.swiglu), [gate_up], dtype)
+    check_swiglu_on_halves_of_one_projection(ops, shape, dtype, "cpu")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("batch", "seq_len", "heads", "head_dim"), [(2, 7, 3, 32), (1, 19, 2, 64)])
 def test_apply_rotary_on_qkv_split(ops, batch, seq_len, heads, head_dim, dtype):
-    torch.manual_seed(3)
-    cos, sin = rope_tables(seq_len, head_dim)
-    qkv = torch.randn(batch, seq_len, 3 * heads, head_dim)
-
-    def on_k(fn):
-        return lambda both: fn(both.split(heads, dim=2)[1], *tables_for(both, cos, sin))
-
-    check_against_float64(on_k(ops.apply_rotary), on_k(reference.apply_rotary), [qkv], dtype)
+    check_apply_rotary_on_qkv_split(ops, batch, seq_len, heads, head_dim, dtype, "cpu")
 
 
 @pytest.mark.parametrize("tile", [(64, 4), (256, 8)])
@@ -124,22 +109,7 @@ def test_apply_rotary_general_tables(ops):
     [(16, 1, 32, True), (5, 17, 64, False), (17, 300, 32, True), (16, 300, 64, True)],
 )
 def test_cross_attention(ops, q_len, k_len, head_dim, masked, dtype):
-    torch.manual_seed(5)
-    heads = 2
-    q = torch.randn(3, heads, q_len, head_dim)
-    # k and v as the encoder makes them: [B, Lk, H, D] projections viewed head-major.
-    k = (torch.randn(3, k_len, heads, head_dim) * 2).transpose(1, 2)
-    v = torch.randn(3, k_len, heads, head_dim).transpose(1, 2)
-    mask = key_mask_with_edge_rows(k_len) if masked else None
-    out, (dq, dk, dv) = check_against_float64(
-        lambda *t: ops.cross_attention(*t, mask),
-        lambda *t: reference.cross_attention(*t, mask),
-        [q, k, v],
-        dtype,
-    )
-    if masked:
-        assert (out[1] == 0).all() and (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
-        assert (dk[~mask[:, None, :].expand(-1, heads, -1)] == 0).all()
+    check_cross_attention(ops, 3, 2, q_len, k_len, head_dim, masked, dtype, "cpu")
 
 
 def test_cross_attention_single_key_returns_its_value(ops):
@@ -188,13 +158,12 @@ def test_dispatch_honours_etrm_kernels(ops, monkeypatch):
         kernels.swiglu(gate, up)
 
 
-@pytest.mark.parametrize("encoder_type", [*ENCODER_TYPES, "standard+cell_lookup+grid_maps"])
-def test_tiny_etrm_with_triton_kernels_matches_torch_path(ops, encoder_type, monkeypatch):
+@pytest.mark.parametrize("encoder_type", [*ENCODER_TYPES, "standard+cell_lookup+grid_coords"])
+def test_tiny_etrm_with_triton_kernels_matches_torch_path(ops, encoder_type, monkeypatch, tiny_arch):
     """Forward and backward of every encoder type through the Triton kernels equal the torch path in float32.
 
     Every fused-op call the torch path makes must go to Triton instead (the hybrid encoders' set pool
-    is where cross_attention runs; the cell lookup's biased attention is SDPA on both paths;
-    the grid-map bank is plain torch on both).
+    is where cross_attention runs; the cell lookup's biased attention is SDPA on both paths).
     """
     from etrm.kernels import dispatch
 
@@ -213,10 +182,11 @@ def test_tiny_etrm_with_triton_kernels_matches_torch_path(ops, encoder_type, mon
     batch = tiny_episode()
     monkeypatch.setenv("ETRM_KERNELS", "torch")
     encoder_type, _, extra = encoder_type.partition("+")
-    overrides = {"cell_lookup": True, "grid_maps": True, "grid_coords": True, "seq_len": 81} if extra else {}
-    torch_results, torch_grads = two_act_steps(encoder_type, batch, **overrides)
+    overrides = {"cell_lookup": True, "grid_coords": True, "seq_len": 81} if extra else {}
+    arch = tiny_arch(encoder_type, **KERNEL_ARCH, **overrides)
+    torch_results, torch_grads = two_act_steps(arch, batch)
     monkeypatch.setenv("ETRM_KERNELS", "triton")
-    triton_results, triton_grads = two_act_steps(encoder_type, batch, **overrides)
+    triton_results, triton_grads = two_act_steps(arch, batch)
 
     assert (
         calls["triton"] == calls["torch"]

@@ -63,7 +63,7 @@ def test_small_canvas_decoder_sees_the_corner_and_predicts_pad_outside():
         z_H, z_L = model.decoder.reset_latents(
             torch.ones(2, dtype=torch.bool), *(torch.zeros(2, 16 + 81, 16) for _ in range(2))
         )
-        context, _ = model.encoder(batch)
+        context = model.encoder(batch).slots
         _, _, expected, _, _ = model.decoder(z_H, z_L, corner, context)
     logits = outputs["logits"].view(2, 30, 30, 12)
     torch.testing.assert_close(logits[:, :9, :9].reshape(2, 81, 12), expected)
@@ -107,6 +107,7 @@ def test_family_scores_average_pass_at_k_per_family():
     [
         (["--encoder", "transformer"], "--encoder 'transformer'"),
         (["--minutes", "0"], "--minutes 0"),
+        (["--steps", "-1"], "--steps -1"),
     ],
 )
 def test_bad_options_fail_before_any_work(tmp_path, capsys, args, message):
@@ -122,10 +123,11 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a shared CPU runs this small model faster on one thread
     try:
-        main(["quickstart", "--minutes", "0.2", "--out", str(out), "--json"])
+        main(["quickstart", "--steps", "4", "--out", str(out), "--json"])
     finally:
         torch.set_num_threads(threads)
     summary = json.loads(capsys.readouterr().out)
+    assert summary["step"] == 4 and summary["steps_per_s"] > 0
 
     synth = json.loads((out / "data" / ".." / "synth" / "synth.json").read_text())
     test_ids = sorted(t for t, info in synth["tasks"].items() if info["split"] == "test")
@@ -158,16 +160,44 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
     assert "already holds files" in capsys.readouterr().err
 
 
-def test_recipe_gives_demo_encoders_the_lookup_and_the_map_bank_and_the_baseline_neither(tmp_path):
+def test_recipe_gives_demo_encoders_the_lookup_and_the_baseline_not(tmp_path):
     from etrm.models.encoders import build_encoder
     from etrm.quickstart import fewshot_config
 
     for encoder, lookup in (("standard", True), ("hybrid_standard", True), ("puzzle_embedding", False)):
         cfg = fewshot_config(tmp_path, encoder, 1.0)
-        assert cfg.arch.cell_lookup is lookup and cfg.arch.grid_maps is lookup
+        assert cfg.arch.cell_lookup is lookup
         assert cfg.arch.encoder_type == encoder
         cfg.arch.num_puzzle_identifiers = 3
         build_encoder(cfg.arch)  # a valid model: the baseline has no demos to look up
     assert (
         fewshot_config(tmp_path, "standard", 1.0, extra=["arch.cell_lookup=false"]).arch.cell_lookup is False
     )
+
+
+def test_a_step_count_replaces_the_time_budget(tmp_path):
+    from etrm.quickstart import fewshot_config
+
+    timed = fewshot_config(tmp_path, "standard", 3.0)
+    assert (timed.train.max_minutes, timed.train.max_steps) == (3.0, 0)
+    counted = fewshot_config(tmp_path, "standard", 3.0, steps=600)
+    assert (counted.train.max_minutes, counted.train.max_steps) == (0.0, 600)
+
+
+@pytest.mark.parametrize(("load", "loaded"), [(1.9, False), (2.0, False), (3.5, True)])
+def test_quickstart_prints_steps_per_second_and_warns_on_a_loaded_machine(
+    tmp_path, capsys, monkeypatch, load, loaded
+):
+    """Loaded = the 1-minute load average above the core count; the summary is faked, the output is real."""
+    from etrm import quickstart
+
+    monkeypatch.setattr(quickstart.os, "getloadavg", lambda: (load, 0.0, 0.0))
+    monkeypatch.setattr(quickstart.os, "cpu_count", lambda: 2)
+    summary = {"rows": [], "run": "r", "report": "p", "data": "d", "step": 60, "steps_per_s": 60 / 40}
+    monkeypatch.setattr(quickstart, "run_quickstart", lambda *a, **k: summary | quickstart.machine_load())
+    main(["quickstart", "--steps", "60", "--out", str(tmp_path / "q")])
+    captured = capsys.readouterr()
+    assert "trained at 1.50 steps/s" in captured.out
+    assert ("warning: the machine was loaded" in captured.err) is loaded
+    if loaded:
+        assert f"load average {load} on 2 cores" in captured.err and "--steps N" in captured.err

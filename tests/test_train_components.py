@@ -18,7 +18,7 @@ from etrm.runs.checkpoint import (
     save_checkpoint,
 )
 from etrm.train.ema import EMA
-from etrm.train.metrics import MetricsLogger, read_metrics
+from etrm.train.metrics import MetricsLogger, read_metrics, sum_over_ranks
 from etrm.train.optim import AdamATan2
 from etrm.train.schedule import lr_factor
 
@@ -166,3 +166,30 @@ def test_wandb_offline_writes_inside_the_run_folder(tmp_path, monkeypatch):
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert not (cwd / "wandb").exists()
     assert read_metrics(run)[0]["train/steps_hist"] == [1, 2]
+
+
+def test_step_statistics_are_summed_over_ranks_and_read_back_by_name(monkeypatch):
+    from etrm.train import distributed
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda flat: flat.mul_(2))  # two ranks, equal values
+    ctx = distributed.DistContext(rank=0, world_size=2, device=torch.device("cpu"))
+    values = {
+        "loss": torch.tensor(1.5, requires_grad=True),
+        "count": torch.tensor(3),
+        "halted_after": torch.tensor([0, 2, 5]),
+        "context_size": torch.tensor(0.25, dtype=torch.float64),
+    }
+    expected = {"loss": 3.0, "count": 6.0, "halted_after": [0.0, 4.0, 10.0], "context_size": 0.5}
+    assert sum_over_ranks(values, ctx) == expected
+    # A value added in front shifts nothing: each comes back under its own name.
+    assert sum_over_ranks({"extra": torch.tensor([7.0, 8.0]), **values}, ctx) == {
+        "extra": [14.0, 16.0],
+        **expected,
+    }
+    alone = distributed.DistContext(rank=0, world_size=1, device=torch.device("cpu"))
+    assert sum_over_ranks(values, alone) == {
+        "loss": 1.5,
+        "count": 3.0,
+        "halted_after": [0.0, 2.0, 5.0],
+        "context_size": 0.25,
+    }

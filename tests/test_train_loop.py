@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from reference_files import TRM_CHECKPOINT  # tests/reference_files.py
 from train_helpers import build_tiny_dataset, tiny_config
 
 from etrm.config import apply_overrides
@@ -221,9 +222,6 @@ def test_loss_spike_halves_the_learning_rate(data, tmp_path, monkeypatch):
     assert lrs[11] == pytest.approx(cfg.train.lr) and lrs[12] == lrs[13] == pytest.approx(cfg.train.lr / 2)
 
 
-TRM_FIXTURE = "/work/shared/reference/trm_parity/trm_A_checkpoint.pt"
-
-
 def test_pretrained_decoder_starts_from_the_trm_checkpoint(data, tmp_path):
     sizes = [
         "arch.hidden_size=64",
@@ -233,10 +231,10 @@ def test_pretrained_decoder_starts_from_the_trm_checkpoint(data, tmp_path):
         "arch.L_cycles=1",
     ]
     cfg = tiny_config(
-        "SF5", data, *sizes, "train.max_steps=1", "train.ema=false", f"train.init_from={TRM_FIXTURE}"
+        "SF5", data, *sizes, "train.max_steps=1", "train.ema=false", f"train.init_from={TRM_CHECKPOINT}"
     )
     run = train(cfg, tmp_path / "run", progress=False)
-    reference = torch.load(TRM_FIXTURE, weights_only=True)
+    reference = torch.load(TRM_CHECKPOINT, weights_only=True)
     trained = load_weights(run / "step-1" / "model.safetensors")
     prefix = "_orig_mod.model.inner."
     for key, value in reference.items():
@@ -258,7 +256,7 @@ def test_a_trm_checkpoint_is_a_foreign_decoder(data, tmp_path, capsys):
     from etrm.train.loop import Trainer
 
     sizes = ["arch.hidden_size=64", "arch.num_heads=2", "arch.expansion=4", "arch.L_layers=2"]
-    cfg = tiny_config("SF2", data, *sizes, "arch.L_cycles=1", f"train.init_from={TRM_FIXTURE}")
+    cfg = tiny_config("SF2", data, *sizes, "arch.L_cycles=1", f"train.init_from={TRM_CHECKPOINT}")
     ctx = init_distributed()
     try:
         trainer = Trainer(cfg, tmp_path / "run", ctx, preset="SF2")
@@ -270,7 +268,7 @@ def test_a_trm_checkpoint_is_a_foreign_decoder(data, tmp_path, capsys):
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     assert info["decoder_provenance"] == "foreign" and info["fewshot"] is False
     state = trainer.model.state_dict()
-    reference = torch.load(TRM_FIXTURE, weights_only=True)
+    reference = torch.load(TRM_CHECKPOINT, weights_only=True)
     for key, value in reference.items():
         name = key.removeprefix("_orig_mod.model.inner.")
         if name != "puzzle_emb.weights":
@@ -291,7 +289,7 @@ def test_a_decoder_descending_from_a_foreign_checkpoint_stays_not_few_shot(data,
             data,
             *sizes,
             "train.max_steps=1",
-            f"train.init_from={TRM_FIXTURE}",
+            f"train.init_from={TRM_CHECKPOINT}",
             "logging.run_name=from-trm",
         ),
         tmp_path / "run-a",

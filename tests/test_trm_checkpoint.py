@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_files import TRM_CHECKPOINT, TRM_CHECKPOINT_KEYS, TRM_CONFIG  # tests/reference_files.py
 from torch import nn
 
 from etrm.config import ArchConfig
@@ -18,15 +19,9 @@ from etrm.models.trm_checkpoint import (
     trm_arch_from_json,
 )
 
-REFERENCE = Path("/work/shared/reference")
-CHECKPOINT = REFERENCE / "trm_parity" / "trm_A_checkpoint.pt"
-CONFIG = REFERENCE / "trm_parity" / "trm_A_config.json"
-KEYS_TSV = REFERENCE / "trm_checkpoint_keys.tsv"
-pytestmark = pytest.mark.skipif(not CHECKPOINT.exists(), reason="reference files not available")
-
 
 def fixture_arch(**overrides) -> ArchConfig:
-    arch = trm_arch_from_json(CONFIG)
+    arch = trm_arch_from_json(TRM_CONFIG)
     for key, value in overrides.items():
         setattr(arch, key, value)
     return arch
@@ -35,7 +30,7 @@ def fixture_arch(**overrides) -> ArchConfig:
 def test_arc_size_key_list_loads_exactly_and_infers_the_arch(tmp_path):
     """Every key and shape of the reference's ARC-size key manifest has a place in our model, and no more."""
     state = {}
-    for line in KEYS_TSV.read_text().splitlines():
+    for line in TRM_CHECKPOINT_KEYS.read_text().splitlines():
         if line.startswith("#") or line.startswith("key\t"):
             continue
         key, shape, dtype, _ = line.split("\t")
@@ -61,16 +56,16 @@ def test_arc_size_key_list_loads_exactly_and_infers_the_arch(tmp_path):
 
 
 def test_checkpoint_saved_without_compile_reads_the_same(tmp_path):
-    state = torch.load(CHECKPOINT, weights_only=True)
+    state = torch.load(TRM_CHECKPOINT, weights_only=True)
     torch.save({k.removeprefix("_orig_mod."): v for k, v in state.items()}, tmp_path / "plain.pt")
-    a, b = read_trm_checkpoint(CHECKPOINT), read_trm_checkpoint(tmp_path / "plain.pt")
+    a, b = read_trm_checkpoint(TRM_CHECKPOINT), read_trm_checkpoint(tmp_path / "plain.pt")
     assert a.tensors.keys() == b.tensors.keys() and all(
         torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors
     )
 
 
 def test_config_disagreeing_with_the_checkpoint_is_an_error():
-    ckpt = read_trm_checkpoint(CHECKPOINT)
+    ckpt = read_trm_checkpoint(TRM_CHECKPOINT)
     with pytest.raises(EtrmError, match="hidden_size=64 but the config says 128"):
         infer_trm_arch(ckpt, fixture_arch(hidden_size=128))
     with pytest.raises(EtrmError, match="SwiGLU inner size is 256"):
@@ -87,7 +82,7 @@ def test_loading_into_a_model_of_another_size_names_the_key():
         EtrmError,
         match=r"trm_A_checkpoint.pt: H_init has shape \[64\] in the checkpoint but \[32\] in the model",
     ):
-        init_decoder_from_trm(model, CHECKPOINT)
+        init_decoder_from_trm(model, TRM_CHECKPOINT)
 
 
 class StandInEncoder(nn.Module):
@@ -102,11 +97,11 @@ def test_init_decoder_from_trm_drops_the_puzzle_table_and_leaves_the_encoder():
     model = build_model(fixture_arch())
     model.encoder = StandInEncoder()
     encoder_before = model.encoder.proj.weight.clone()
-    report = init_decoder_from_trm(model, CHECKPOINT)
+    report = init_decoder_from_trm(model, TRM_CHECKPOINT)
     assert report.dropped == ["puzzle_emb.weights"]
     assert report.missing == ["encoder.proj.weight", "encoder.proj.bias"]
     assert report.unexpected == []
-    state = torch.load(CHECKPOINT, weights_only=True)
+    state = torch.load(TRM_CHECKPOINT, weights_only=True)
     for key, value in model.decoder.state_dict().items():
         assert torch.equal(value, state["_orig_mod.model.inner." + key]), key
     assert torch.equal(model.encoder.proj.weight, encoder_before)
@@ -121,7 +116,7 @@ def write(path: Path, data: bytes) -> Path:
     "make, message",
     [
         (
-            lambda d: write(d / "trunc.pt", CHECKPOINT.read_bytes()[:100_000]),
+            lambda d: write(d / "trunc.pt", TRM_CHECKPOINT.read_bytes()[:100_000]),
             "not a readable PyTorch checkpoint",
         ),
         (lambda d: write(d / "garbage.pt", b"\x00\x01garbage" * 100), "not a readable PyTorch checkpoint"),
@@ -165,7 +160,7 @@ def test_trm_all_config_yaml_gives_the_same_arch_as_json(tmp_path):
     """TRM writes its whole run config as all_config.yaml; the dataset-derived keys are not in it."""
     import yaml
 
-    reference = json.loads(CONFIG.read_text())["arch"]
+    reference = json.loads(TRM_CONFIG.read_text())["arch"]
     from_dataset = {"batch_size", "seq_len", "vocab_size", "num_puzzle_identifiers"}
     arch = {k: v for k, v in reference.items() if k not in from_dataset}
     arch.update(
@@ -179,11 +174,11 @@ def test_trm_all_config_yaml_gives_the_same_arch_as_json(tmp_path):
     }
     path = tmp_path / "all_config.yaml"
     path.write_text(yaml.safe_dump(run_config))
-    got, expected = trm_arch_from_json(path), trm_arch_from_json(CONFIG)
+    got, expected = trm_arch_from_json(path), trm_arch_from_json(TRM_CONFIG)
     for key in ArchConfig.__dataclass_fields__:
         if key != "num_puzzle_identifiers":
             assert getattr(got, key) == getattr(expected, key), key
-    model, _, _, report, _ = load_trm_model(CHECKPOINT, got)  # the table size comes from the checkpoint
+    model, _, _, report, _ = load_trm_model(TRM_CHECKPOINT, got)  # the table size comes from the checkpoint
     assert model.arch.num_puzzle_identifiers == reference["num_puzzle_identifiers"]
     (tmp_path / "bad.yml").write_text("arch: [unclosed")
     with pytest.raises(EtrmError, match="not valid YAML"):

@@ -1,5 +1,6 @@
 """TRM decoder + ACT wrapper + loss head: sizes, halting rules, caching, losses against independent math."""
 
+import functools
 import math
 
 import pytest
@@ -8,25 +9,18 @@ import torch
 from etrm.config import ArchConfig, RunConfig
 from etrm.errors import EtrmError
 from etrm.models import build_model
+from etrm.models.encoders import EncoderOutput
 from etrm.models.losses import ACTLossHead, stablemax_cross_entropy
 
 SIDE = 10  # a 10×10 corner of the 30×30 canvas (arch.seq_len=100) keeps these tests quick
 
 
-def tiny_arch(**overrides) -> ArchConfig:
-    base = dict(
-        hidden_size=32,
-        num_heads=2,
-        H_cycles=2,
-        L_cycles=2,
-        L_layers=2,
-        halt_max_steps=4,
-        seq_len=SIDE * SIDE,
-        encoder_type="puzzle_embedding",
-        num_puzzle_identifiers=6,
+@pytest.fixture
+def tiny_arch(tiny_arch):
+    """The shared tiny model with TRM's puzzle-id table as its context and 4 ACT steps: the decoder's own tests."""
+    return functools.partial(
+        tiny_arch, "puzzle_embedding", num_puzzle_identifiers=6, seq_len=SIDE * SIDE, halt_max_steps=4
     )
-    base.update(overrides)
-    return ArchConfig(**base)
 
 
 def random_batch(batch_size=3, seed=0):
@@ -53,7 +47,7 @@ def test_arc_size_trm_has_the_reference_parameter_count():
     assert model.decoder.q_head.bias.tolist() == [-5.0, -5.0] and not model.decoder.q_head.weight.any()
 
 
-def test_bad_arch_is_a_clear_error():
+def test_bad_arch_is_a_clear_error(tiny_arch):
     with pytest.raises(EtrmError, match="num_puzzle_identifiers"):
         build_model(tiny_arch(num_puzzle_identifiers=0))
     with pytest.raises(EtrmError, match="forward_dtype"):
@@ -90,7 +84,7 @@ def test_stablemax_gradient_is_finite_at_a_logit_of_exactly_one():
     torch.testing.assert_close(logits.grad[0, 0].double(), expected, rtol=1e-2, atol=1e-3)
 
 
-def test_eval_runs_every_step_whatever_q_says():
+def test_eval_runs_every_step_whatever_q_says(tiny_arch):
     model = build_model(tiny_arch()).eval()
     with torch.no_grad():
         model.decoder.q_head.bias.fill_(5.0)  # the Q head says "halt now"
@@ -104,7 +98,7 @@ def test_eval_runs_every_step_whatever_q_says():
 
 
 @pytest.mark.parametrize("no_act_continue", [True, False])
-def test_training_halts_when_q_says_so(no_act_continue):
+def test_training_halts_when_q_says_so(no_act_continue, tiny_arch):
     model = build_model(tiny_arch(halt_exploration_prob=0.0, no_ACT_continue=no_act_continue)).train()
     with torch.no_grad():
         model.decoder.q_head.bias.copy_(torch.tensor([5.0, -5.0]))  # q_halt > 0 and > q_continue
@@ -117,7 +111,7 @@ def test_training_halts_when_q_says_so(no_act_continue):
     assert not carry.halted.any()
 
 
-def test_exploration_forces_a_minimum_of_two_steps():
+def test_exploration_forces_a_minimum_of_two_steps(tiny_arch):
     model = build_model(tiny_arch(halt_exploration_prob=1.0)).train()
     with torch.no_grad():
         model.decoder.q_head.bias.fill_(5.0)
@@ -126,7 +120,7 @@ def test_exploration_forces_a_minimum_of_two_steps():
     assert not carry.halted.any()  # minimum drawn from 2..4, so nobody may stop after one step
 
 
-def test_target_q_continue_is_the_next_steps_q_values():
+def test_target_q_continue_is_the_next_steps_q_values(tiny_arch):
     model = build_model(tiny_arch(no_ACT_continue=False, halt_exploration_prob=0.0, halt_max_steps=2)).train()
     with torch.no_grad():
         model.decoder.q_head.weight.normal_(0, 0.5)
@@ -137,7 +131,7 @@ def test_target_q_continue_is_the_next_steps_q_values():
         carry, loss, metrics, outputs, _ = head(carry, batch)
         loss.backward()
         with torch.no_grad():
-            context, _ = model.encoder(carry.current_data)
+            context = model.encoder(carry.current_data).slots
             corner = carry.current_data["inputs"].view(-1, 30, 30)[:, :SIDE, :SIDE].reshape(-1, SIDE * SIDE)
             *_, next_halt, next_continue = model.decoder(carry.z_H, carry.z_L, corner, context)
         last = carry.steps >= 2
@@ -150,7 +144,7 @@ def test_target_q_continue_is_the_next_steps_q_values():
 
 
 @pytest.mark.parametrize("reencode", [True, False])
-def test_encoder_reencode_false_caches_the_context_until_reset(reencode):
+def test_encoder_reencode_false_caches_the_context_until_reset(reencode, tiny_arch):
     model = build_model(tiny_arch(encoder_reencode=reencode)).eval()
     batch = random_batch()
     carry = model.initial_carry(batch)
@@ -166,7 +160,7 @@ def test_encoder_reencode_false_caches_the_context_until_reset(reencode):
     assert (carry.context is None) == reencode
 
 
-def test_loss_adds_weighted_kl_and_counts_only_halted_rows(monkeypatch):
+def test_loss_adds_weighted_kl_and_counts_only_halted_rows(monkeypatch, tiny_arch):
     arch = tiny_arch(halt_max_steps=1, kl_weight=0.25)
     model = build_model(arch).eval()
     head = ACTLossHead(model)
@@ -176,7 +170,7 @@ def test_loss_adds_weighted_kl_and_counts_only_halted_rows(monkeypatch):
         carry, loss, metrics, outputs, all_halted = head(head.initial_carry(batch), batch)
         kl = torch.tensor([0.5, 1.0, 2.0])
         encode = model.encoder.forward
-        monkeypatch.setattr(model.encoder, "forward", lambda b: (encode(b)[0], kl))
+        monkeypatch.setattr(model.encoder, "forward", lambda b: EncoderOutput(encode(b).slots, kl=kl))
         _, loss_kl, metrics_kl, _, _ = head(head.initial_carry(batch), batch)
     assert all_halted
     assert (loss_kl - loss).item() == pytest.approx(0.25 * 3.5, rel=1e-6)
@@ -193,7 +187,7 @@ def test_loss_adds_weighted_kl_and_counts_only_halted_rows(monkeypatch):
     assert metrics["lm_loss"].item() == pytest.approx(expected_lm.item(), rel=1e-12)
 
 
-def test_sign_sgd_updates_only_touched_rows_like_trm():
+def test_sign_sgd_updates_only_touched_rows_like_trm(tiny_arch):
     model = build_model(tiny_arch(puzzle_emb_ndim=40)).train()
     table = model.encoder
     with torch.no_grad():
@@ -214,7 +208,7 @@ def test_sign_sgd_updates_only_touched_rows_like_trm():
     torch.testing.assert_close(table.weights, expected, rtol=0, atol=1e-7)
 
 
-def test_bfloat16_forward_keeps_latents_in_bf16_and_tracks_float32():
+def test_bfloat16_forward_keeps_latents_in_bf16_and_tracks_float32(tiny_arch):
     """forward_dtype=bfloat16 (what 'auto' picks on CUDA): bf16 latents/logits, float32 Q, close to float32."""
     fp32 = build_model(tiny_arch()).eval()
     bf16 = build_model(tiny_arch(forward_dtype="bfloat16")).eval()
@@ -234,7 +228,7 @@ def test_bfloat16_forward_keeps_latents_in_bf16_and_tracks_float32():
     assert (out16["logits"].argmax(-1) == out32["logits"].argmax(-1)).float().mean() > 0.97
 
 
-def test_small_canvas_decodes_the_corner_and_predicts_pad_outside():
+def test_small_canvas_decodes_the_corner_and_predicts_pad_outside(tiny_arch):
     model = build_model(tiny_arch())
     batch = random_batch()
     head = ACTLossHead(model)
@@ -256,7 +250,7 @@ def test_small_canvas_decodes_the_corner_and_predicts_pad_outside():
         RunConfig(arch=tiny_arch(seq_len=120)).validate()
 
 
-def test_only_the_last_h_cycle_is_backpropagated():
+def test_only_the_last_h_cycle_is_backpropagated(tiny_arch):
     """H_cycles=3, L_cycles=2: the shared net runs 9 times per step, but gradient flows through 3 (2 z_L + 1 z_H)."""
     model = build_model(tiny_arch(H_cycles=3, L_cycles=2, halt_max_steps=2)).train()
     backward_calls = []

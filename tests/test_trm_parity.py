@@ -1,22 +1,16 @@
 """Our TRM reproduces the reference TRM's outputs on the shared parity fixture (config A)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from reference_files import TRM_CHECKPOINT, TRM_CONFIG, TRM_IO  # tests/reference_files.py
 
 from etrm.cli import main
 from etrm.diagnose.checkpoint import load_reference, reference_steps
 from etrm.models.losses import ACTLossHead
 from etrm.models.trm_checkpoint import load_trm_model, trm_arch_from_json
-
-FIXTURE = Path("/work/shared/reference/trm_parity")
-CHECKPOINT = FIXTURE / "trm_A_checkpoint.pt"
-CONFIG = FIXTURE / "trm_A_config.json"
-IO = FIXTURE / "trm_A_io.npz"
-pytestmark = pytest.mark.skipif(not IO.exists(), reason="parity fixture not available")
 
 
 def assert_within_tolerance(ours, theirs, what):
@@ -30,9 +24,9 @@ def assert_within_tolerance(ours, theirs, what):
 
 @pytest.fixture(scope="module")
 def parity_run():
-    model, arch, _, report, _ = load_trm_model(CHECKPOINT, trm_arch_from_json(CONFIG))
+    model, arch, _, report, _ = load_trm_model(TRM_CHECKPOINT, trm_arch_from_json(TRM_CONFIG))
     assert report.missing == [] and report.unexpected == []
-    reference = load_reference(IO)
+    reference = load_reference(TRM_IO)
     runs = list(reference_steps(ACTLossHead(model.eval()), reference))
     return model, reference, runs
 
@@ -40,7 +34,7 @@ def parity_run():
 def test_input_embeddings_match(parity_run):
     model, ref, _ = parity_run
     inputs = torch.from_numpy(ref["inputs"]).long()
-    context, _ = model.encoder({"puzzle_identifiers": torch.from_numpy(ref["puzzle_identifiers"]).long()})
+    context = model.encoder({"puzzle_identifiers": torch.from_numpy(ref["puzzle_identifiers"]).long()}).slots
     with torch.no_grad():
         x = model.decoder.input_embeddings(inputs, context, torch.float32)
     assert_within_tolerance(x[:, :20], ref["input_embeddings_first20"], "input embeddings")
@@ -100,7 +94,7 @@ def run_cli(capsys, *args):
 
 
 def test_cli_reproduces_the_fixture(capsys):
-    code, out = run_cli(capsys, CHECKPOINT, "--config", CONFIG, "--reference", IO, "--json")
+    code, out = run_cli(capsys, TRM_CHECKPOINT, "--config", TRM_CONFIG, "--reference", TRM_IO, "--json")
     assert code == 0, out.err
     report = json.loads(out.out)
     assert report["missing"] == [] and report["unexpected"] == []
@@ -111,12 +105,12 @@ def test_cli_reproduces_the_fixture(capsys):
 
 def test_cli_fails_above_tolerance(capsys, tmp_path):
     """A reference whose step-1 logits are off by 1e-3 (two steps kept, to stay quick) must fail with exit 1."""
-    reference = load_reference(IO)
+    reference = load_reference(TRM_IO)
     reference["logits"] = reference["logits"][:2].copy()
     reference["logits"][1, 2, 5, 3] += 1e-3
     shifted = tmp_path / "shifted.npz"
     np.savez(shifted, **reference)
-    code, out = run_cli(capsys, CHECKPOINT, "--config", CONFIG, "--reference", shifted, "--json")
+    code, out = run_cli(capsys, TRM_CHECKPOINT, "--config", TRM_CONFIG, "--reference", shifted, "--json")
     assert code == 1
     rows = json.loads(out.out)["reference"]["steps"]
     assert [row["pass"] for row in rows] == [True, False, True]
@@ -124,9 +118,9 @@ def test_cli_fails_above_tolerance(capsys, tmp_path):
 
 
 def test_cli_rejects_bad_reference_files_clearly(capsys, tmp_path):
-    code, out = run_cli(capsys, CHECKPOINT, "--reference", CONFIG)
+    code, out = run_cli(capsys, TRM_CHECKPOINT, "--reference", TRM_CONFIG)
     assert code == 2 and "not an .npz file" in out.err
     np.savez(tmp_path / "partial.npz", inputs=np.zeros((1, 900), np.int32))
-    code, out = run_cli(capsys, CHECKPOINT, "--reference", tmp_path / "partial.npz")
+    code, out = run_cli(capsys, TRM_CHECKPOINT, "--reference", tmp_path / "partial.npz")
     assert code == 2 and "missing arrays labels" in out.err
     assert "Traceback" not in out.err

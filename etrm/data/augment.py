@@ -21,12 +21,11 @@ import math
 
 import numpy as np
 
-from etrm.data.encoding import CANVAS, COLOR_OFFSET, EOS_TOKEN, PAD_TOKEN, SEQ_LEN
+from etrm.data.encoding import CANVAS, COLOR_OFFSET, EOS_TOKEN, NUM_COLORS, PAD_TOKEN, SEQ_LEN
 from etrm.errors import EtrmError
 
 NUM_DIHEDRAL = 8
 DIHEDRAL_INVERSE = np.array([0, 3, 2, 1, 4, 5, 6, 7], dtype=np.uint8)
-NUM_COLORS = 10
 # Canvases are extended by two cells so that an index table can point at a PAD or an EOS.
 PAD_SLOT = SEQ_LEN
 EOS_SLOT = SEQ_LEN + 1

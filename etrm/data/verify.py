@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from etrm.data.augment import DIHEDRAL_INVERSE, NUM_COLORS, apply_dihedral
+from etrm.data.augment import DIHEDRAL_INVERSE, apply_dihedral
 from etrm.data.build import SPLIT_NAMES, pair_key
 from etrm.data.dataset import ArcDataset, Split
+from etrm.data.encoding import NUM_COLORS
 
 
 def verify_dataset(path: str | Path, progress=None) -> list[dict]:

@@ -100,7 +100,8 @@ def context_spread(contexts: np.ndarray) -> EncoderStats:
 def collect_contexts(
     encode: Callable[[dict[str, Any]], Any], batches: Iterable[dict[str, Any]], puzzles: int, augs: int
 ) -> np.ndarray:
-    """Run `encode` on each (puzzle < puzzles, augmentation < augs) once, from evaluation-order batches.
+    """Run `encode` (batch → context slots [B, n, hidden]) on each (puzzle < puzzles, augmentation < augs)
+    once, from evaluation-order batches.
 
     Batches come from EpisodeSampler(mode="eval"), which lists puzzles in order, so
     reading stops after the last wanted puzzle. Only each puzzle's first query row is
@@ -115,7 +116,7 @@ def collect_contexts(
             keep = batch["valid"] & (batch["query_ids"] == 0) & (group < puzzles) & (aug < augs)
             rows = torch.nonzero(keep).flatten()
             if len(rows):
-                context, _ = encode({k: v[rows] for k, v in batch.items()})
+                context = encode({k: v[rows] for k, v in batch.items()})
                 for row, ctx in zip(rows.tolist(), context.float().cpu().numpy(), strict=True):
                     found[(int(group[row]), int(aug[row]))] = ctx
             if int(group[batch["valid"]].min()) >= puzzles:
@@ -162,15 +163,8 @@ def encoder_stats(
                 yield batch
                 progress.advance(task)
 
-        # The context slots only: with arch.cell_lookup or arch.grid_maps the encoder also returns
-        # one vector per query cell, which describes the query, not the puzzle's demos.
-        slots = cfg.arch.context_len
-
-        def encode(batch):
-            context, kl = model.encoder(batch)
-            return context[:, :slots], kl
-
-        contexts = collect_contexts(encode, batches(), puzzles, augs)
+        # The context slots only: the per-cell vectors of arch.cell_lookup describe the query, not the demos.
+        contexts = collect_contexts(lambda batch: model.encoder(batch).slots, batches(), puzzles, augs)
     about = {
         "checkpoint_step": step,
         "encoder_type": cfg.arch.encoder_type,

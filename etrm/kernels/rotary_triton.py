@@ -7,7 +7,7 @@ x may be a strided view (q or k split out of a fused qkv projection); the result
 A program takes a block of positions with all their heads, a [positions, heads, D/2] tile per
 half, so each position's cos/sin rows are read once and shared by its heads. (A first version
 tiled (position, head) rows and read the tables once per head: four float32 table tiles per
-bf16 tile of x, and 43–79% of copy bandwidth on an H200.)
+bf16 tile of x, and less of the copy bandwidth; the figures are in benchmarks/RESULTS.md.)
 """
 
 from __future__ import annotations
@@ -79,10 +79,9 @@ def check_shapes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
 def rotary_tile(n_heads: int, half: int, tile: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
     """(BLOCK_S positions, BLOCK_H heads, BLOCK_HALF columns, num_warps) for about a tile's elements per half.
 
-    GPU default: 1,024 elements over 8 warps, the tile with the best worst case in
-    benchmarks/sweep_tiles.py on an H200 (85–86% of copy bandwidth at 8 heads, 86% at 24, forward
-    and backward; 4,096 over 4 warps gave 81–83% and 88–89%). The interpreter, whose cost is per
-    program, takes 16,384 over 4. `tile` = (elements, num_warps) overrides both (for the sweep).
+    GPU default: 1,024 elements over 8 warps, the tile with the best worst case over head counts in
+    benchmarks/sweep_tiles.py (its rows in benchmarks/RESULTS.md). The interpreter, whose cost is
+    per program, takes 16,384 over 4. `tile` = (elements, num_warps) overrides both (for the sweep).
     """
     block_h, block_half = triton.next_power_of_2(n_heads), triton.next_power_of_2(half)
     elements, num_warps = tile or ((16384, 4) if interpreting() else (1024, 8))

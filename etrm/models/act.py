@@ -18,14 +18,12 @@ import torch
 from torch import nn
 
 from etrm.config import ArchConfig
+from etrm.data.encoding import CANVAS, IGNORE_LABEL_ID, PAD_TOKEN, canvas_corner
 from etrm.errors import EtrmError
-from etrm.models.encoders import build_encoder
-from etrm.models.grid_coords import canvas_corner
-from etrm.models.losses import IGNORE_LABEL_ID
+from etrm.models.encoders import EncoderOutput, build_encoder
 from etrm.models.trm import TRMDecoder
 
-CANVAS_SIDE = 30
-PAD_TOKEN = 0
+FORWARD_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -35,7 +33,10 @@ class Carry:
     steps: torch.Tensor  # [B] int32, ACT steps taken on the current row
     halted: torch.Tensor  # [B] bool, reset and refilled at the next call
     current_data: dict[str, torch.Tensor]  # the batch rows each sample is working on
-    context: torch.Tensor | None  # cached encoder output (encoder_reencode False), else None
+    # The cached encoder output (encoder_reencode False), else None: its slots and per-cell vectors
+    # (plain tensors, so that a checkpoint stores the carry as it does the rest).
+    context: torch.Tensor | None
+    context_cells: torch.Tensor | None = None
 
 
 class ETRM(nn.Module):
@@ -90,18 +91,18 @@ class ETRM(nn.Module):
         }
         z_H, z_L = self.decoder.reset_latents(reset, carry.z_H, carry.z_L)
         steps = torch.where(reset, 0, carry.steps)
-        context, kl, cached = self._context(reset, current, carry.context)
+        encoded = self._encode(reset, current, carry)
 
         inputs = self._decoder_canvas(current)
-        z_H, z_L, logits, q_halt, q_continue = self.decoder(z_H, z_L, inputs, context)
+        z_H, z_L, logits, q_halt, q_continue = self.decoder(z_H, z_L, inputs, encoded.slots, encoded.cells)
         outputs = {
             "logits": self._full_canvas(logits),
             "q_halt_logits": q_halt,
             "q_continue_logits": q_continue,
-            "context": context,
+            "context": encoded.slots,
         }
-        if kl is not None:
-            outputs["kl"] = kl
+        if encoded.kl is not None:
+            outputs["kl"] = encoded.kl
 
         with torch.no_grad():
             steps = steps + 1
@@ -117,11 +118,16 @@ class ETRM(nn.Module):
                 halted = halted & (steps >= min_steps)
                 if not self.arch.no_ACT_continue:
                     # Bootstrapped Q-learning target: the Q values one step further on.
-                    _, _, _, next_halt, next_continue = self.decoder(z_H, z_L, inputs, context)
+                    _, _, _, next_halt, next_continue = self.decoder(
+                        z_H, z_L, inputs, encoded.slots, encoded.cells
+                    )
                     outputs["target_q_continue"] = torch.sigmoid(
                         torch.where(is_last_step, next_halt, torch.maximum(next_halt, next_continue))
                     )
-        return Carry(z_H, z_L, steps, halted, current, cached), outputs
+        keep = not self.arch.encoder_reencode  # the encoding is cached for the rows' next steps
+        context = encoded.slots.detach() if keep else None
+        context_cells = encoded.cells.detach() if keep and encoded.cells is not None else None
+        return Carry(z_H, z_L, steps, halted, current, context, context_cells), outputs
 
     def _decoder_canvas(self, current: dict[str, torch.Tensor]) -> torch.Tensor:
         """The query's [B, 900] tokens cut to the seq_len corner the decoder sees.
@@ -129,9 +135,9 @@ class ETRM(nn.Module):
         A grid or a label reaching past the corner is an error: it could be neither read nor predicted.
         """
         tokens, side = current["inputs"], self.canvas_side
-        if side == CANVAS_SIDE:
+        if side == CANVAS:
             return tokens
-        outside = torch.ones(CANVAS_SIDE, CANVAS_SIDE, dtype=torch.bool, device=tokens.device)
+        outside = torch.ones(CANVAS, CANVAS, dtype=torch.bool, device=tokens.device)
         outside[:side, :side] = False
         outside = outside.view(-1)
         labels = current.get("labels")
@@ -146,28 +152,23 @@ class ETRM(nn.Module):
     def _full_canvas(self, logits: torch.Tensor) -> torch.Tensor:
         """[B, seq_len, V] → [B, 900, V]; cells outside the decoder's corner predict PAD (no gradient)."""
         side = self.canvas_side
-        if side == CANVAS_SIDE:
+        if side == CANVAS:
             return logits
         outside = torch.full((self.arch.vocab_size,), -1e4, dtype=logits.dtype, device=logits.device)
         outside[PAD_TOKEN] = 0.0
-        full = outside.expand(logits.shape[0], CANVAS_SIDE, CANVAS_SIDE, -1).clone()
+        full = outside.expand(logits.shape[0], CANVAS, CANVAS, -1).clone()
         full[:, :side, :side] = logits.view(logits.shape[0], side, side, -1)
-        return full.view(logits.shape[0], CANVAS_SIDE * CANVAS_SIDE, -1)
+        return full.view(logits.shape[0], CANVAS * CANVAS, -1)
 
-    def _context(self, reset: torch.Tensor, current: dict[str, torch.Tensor], cached: torch.Tensor | None):
-        """(context, kl or None, context to cache): re-encode every row, or only the rows being reset."""
-        if self.arch.encoder_reencode or cached is None:
-            context, kl = self.encoder(current)
-            return context, kl, None if self.arch.encoder_reencode else context.detach()
+    def _encode(self, reset: torch.Tensor, current: dict[str, torch.Tensor], carry: Carry) -> EncoderOutput:
+        """Re-encode every row, or (encoder_reencode False) only the rows being reset, the others cached."""
+        if self.arch.encoder_reencode or carry.context is None:
+            return self.encoder(current)
+        cached = EncoderOutput(carry.context, carry.context_cells)
         rows = reset.nonzero().squeeze(1)
-        context, kl = cached, None
-        if rows.numel():
-            fresh, fresh_kl = self.encoder({k: v[rows] for k, v in current.items()})
-            context = cached.index_put((rows,), fresh.to(cached.dtype))
-            if fresh_kl is not None:
-                kl = torch.zeros(reset.shape[0], dtype=fresh_kl.dtype, device=fresh_kl.device)
-                kl = kl.index_put((rows,), fresh_kl)
-        return context, kl, context.detach()
+        if not rows.numel():
+            return cached
+        return cached.with_rows(rows, self.encoder({k: v[rows] for k, v in current.items()}))
 
 
 def build_model(arch: ArchConfig) -> ETRM:

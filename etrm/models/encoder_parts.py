@@ -1,5 +1,5 @@
 """Parts shared by the demo encoders: a per-demo grid transformer, a cross-attention set pool,
-a Gaussian latent and the projection to context tokens.
+the per-cell lookup, a Gaussian latent and the projection to context tokens.
 
 Demos arrive as TRM tokens on 30×30 canvases (PAD 0 outside the grid). Only present demos are
 encoded, and only their non-PAD cells, padded to the longest demo of the batch and masked out of
@@ -10,18 +10,55 @@ puzzles cost a fraction of the full 2×900 tokens.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from etrm import kernels
-from etrm.data.encoding import CANVAS, COLOR_OFFSET, PAD_TOKEN, SEQ_LEN
-from etrm.models.grid_coords import GridCoordinateEmbedding, canvas_corner, grid_coordinates
+from etrm.data.encoding import CANVAS, COLOR_OFFSET, PAD_TOKEN, SEQ_LEN, canvas_corner
+from etrm.models.grid_coords import GridCoordinateEmbedding, grid_coordinates
 from etrm.models.layers import CastedEmbedding, CastedLinear, PostNormBlock, SwiGLU, trunc_normal_init_
 
 LENGTH_GROUPS = 8  # demos of a batch are encoded in this many groups of similar length
 LOGVAR_LIMIT = 10.0  # keeps exp(log σ²) finite in any dtype; far outside any useful posterior
+
+
+class CellEmbedding(nn.Module):
+    """A grid cell as colour + row + column + side (0 input, 1 output) embeddings; with `grid_coords`, also
+    + rows below and columns right of it in its own grid (`grid_coordinates`' last two columns)."""
+
+    def __init__(self, vocab_size: int, width: int, grid_coords: bool):
+        super().__init__()
+        std = 1.0 / math.sqrt(width)
+        self.token_embedding = CastedEmbedding(vocab_size, width, std)
+        self.row_embedding = CastedEmbedding(CANVAS, width, std)
+        self.col_embedding = CastedEmbedding(CANVAS, width, std)
+        self.side_embedding = CastedEmbedding(2, width, std)
+        self.far_side_embedding = GridCoordinateEmbedding(width, std, which=(2, 3)) if grid_coords else None
+
+    def forward(self, cells, rows, cols, side, coords=None) -> torch.Tensor:
+        """Tokens, rows, columns, sides (broadcastable) [+ `grid_coordinates` coords [..., 4]] → [..., width]."""
+        embedded = (
+            self.token_embedding(cells)
+            + self.row_embedding(rows)
+            + self.col_embedding(cols)
+            + self.side_embedding(side)
+        )
+        if self.far_side_embedding is not None:
+            embedded = embedded + self.far_side_embedding(coords)
+        return embedded
+
+
+@dataclass
+class EncodedDemos:
+    """`DemoGridEncoder`'s result for N demos, S = 1 summary + the longest demo's cells."""
+
+    states: torch.Tensor  # [N, S, width]; position 0 is the summary
+    attend: torch.Tensor  # [N, S] bool: the summary and each demo's own cells
+    colours: torch.Tensor  # [N, S] each state's own token (PAD for the summary and the padding)
+    partners: torch.Tensor  # [N, S] the token at the same canvas position of the demo's other grid
 
 
 class DemoGridEncoder(nn.Module):
@@ -30,8 +67,8 @@ class DemoGridEncoder(nn.Module):
     Each demo's non-PAD cells (colours and EOS of both grids) are gathered to the front of its
     sequence, which is cut at the longest demo of the batch; the tail is masked. A cell is
     embedded as colour token + row + column + side (input/output), so its position survives
-    the gathering (with `grid_coords`, also + rows below and columns right of it in its grid). A learned summary token leads every sequence and is always attendable, so
-    no attention row is ever fully masked.
+    the gathering (`CellEmbedding`). A learned summary token leads every sequence and is always
+    attendable, so no attention row is ever fully masked.
     """
 
     def __init__(
@@ -45,26 +82,16 @@ class DemoGridEncoder(nn.Module):
         grid_coords: bool = False,
     ):
         super().__init__()
-        std = 1.0 / math.sqrt(width)
         self.embed_scale = math.sqrt(width)
-        self.token_embedding = CastedEmbedding(vocab_size, width, std)
-        self.row_embedding = CastedEmbedding(CANVAS, width, std)
-        self.col_embedding = CastedEmbedding(CANVAS, width, std)
-        self.side_embedding = CastedEmbedding(2, width, std)
-        # With arch.grid_coords, also rows below and columns right of a cell within its own grid.
-        self.far_side_embedding = GridCoordinateEmbedding(width, std, which=(2, 3)) if grid_coords else None
-        self.summary_token = nn.Parameter(trunc_normal_init_(torch.empty(width), std))
+        self.cell_embedding = CellEmbedding(vocab_size, width, grid_coords)
+        self.summary_token = nn.Parameter(trunc_normal_init_(torch.empty(width), 1.0 / self.embed_scale))
         self.layers = nn.ModuleList(
             PostNormBlock(width, num_heads, expansion, eps) for _ in range(num_layers)
         )
         self.length_groups = LENGTH_GROUPS
 
-    def forward(self, inputs: torch.Tensor, outputs: torch.Tensor, with_cells: bool = False):
-        """inputs, outputs [N, 900] tokens → states [N, S, width] (position 0 = summary), attend [N, S] bool.
-
-        with_cells: also (colours [N, S], partners [N, S]): each state's own token and the token at
-        the same canvas position of the demo's other grid (PAD for the summary), for `CellLookup`.
-        """
+    def forward(self, inputs: torch.Tensor, outputs: torch.Tensor) -> EncodedDemos:
+        """inputs, outputs [N, 900] tokens → each demo's states, with the tokens `CellLookup` matches on."""
         tokens = torch.cat((inputs, outputs), dim=1)
         is_cell = tokens != PAD_TOKEN
         order, group_lengths = self._length_groups(is_cell.sum(dim=1))
@@ -74,10 +101,10 @@ class DemoGridEncoder(nn.Module):
         cells = tokens.gather(1, where)
         side, offset = where // SEQ_LEN, where % SEQ_LEN
         coords = None
-        if self.far_side_embedding is not None:
+        if self.cell_embedding.far_side_embedding is not None:
             coords = torch.cat((grid_coordinates(inputs, CANVAS), grid_coordinates(outputs, CANVAS)), dim=1)
             coords = coords.gather(1, where[..., None].expand(-1, -1, 4))
-        embedded = self.embed_cells(cells, offset // CANVAS, offset % CANVAS, side, coords)
+        embedded = self.cell_embedding(cells, offset // CANVAS, offset % CANVAS, side, coords)
         summary = self.summary_token.expand(tokens.shape[0], 1, -1)
         h = torch.cat((summary, embedded), dim=1) * self.embed_scale
         attend = F.pad(is_cell.gather(1, where), (1, 0), value=True)
@@ -86,23 +113,10 @@ class DemoGridEncoder(nn.Module):
                 h = layer(h, attn_mask=attend[:, None, None, :])
         else:
             h = self._encode_by_length(h, attend, order, group_lengths)
-        if not with_cells:
-            return h, attend
         partners = tokens.gather(1, (1 - side) * SEQ_LEN + offset)
-        return h, attend, F.pad(cells, (1, 0), value=PAD_TOKEN), F.pad(partners, (1, 0), value=PAD_TOKEN)
-
-    def embed_cells(self, cells, rows, cols, side, coords=None) -> torch.Tensor:
-        """colour + row + column + side (0 input, 1 output) [+ rows below and columns right, from
-        `grid_coordinates` `coords`, with grid_coords]: a cell's embedding, before the width scale."""
-        embedded = (
-            self.token_embedding(cells)
-            + self.row_embedding(rows)
-            + self.col_embedding(cols)
-            + self.side_embedding(side)
+        return EncodedDemos(
+            h, attend, F.pad(cells, (1, 0), value=PAD_TOKEN), F.pad(partners, (1, 0), value=PAD_TOKEN)
         )
-        if self.far_side_embedding is not None:
-            embedded = embedded + self.far_side_embedding(coords)
-        return embedded
 
     def _length_groups(self, cells: torch.Tensor) -> tuple[torch.Tensor | None, list[int]]:
         """(demos sorted by cell count, or None for one group; each group's sequence length incl. summary).
@@ -168,10 +182,10 @@ class CrossAttentionPool(nn.Module):
 class CellLookup(nn.Module):
     """Each cell of the query grid attends over every demo cell state of its sample (`arch.cell_lookup`).
 
-    The query cells are embedded as demo input cells are (the grid encoder's colour, row, column
-    and side tables), so "the demo cells where the input had my colour" or "my position in the
-    demos" are matches attention can make in one step; the encoder's layers have already put each
-    output cell's colour next to its input's. The result, one vector per query cell at the
+    The query cells are embedded as demo input cells are (colour, row, column and side, by a
+    `CellEmbedding` of the lookup's own), so "the demo cells where the input had my colour" or
+    "my position in the demos" are matches attention can make in one step; the encoder's layers
+    have already put each output cell's colour next to its input's. The result, one vector per query cell at the
     decoder's width, is added to the decoder's token embeddings: a colour table read off the
     demos, for instance, reaches every cell directly instead of through the pooled context.
 
@@ -188,9 +202,13 @@ class CellLookup(nn.Module):
 
     MATCH_SCALE = 10.0
 
-    def __init__(self, width: int, num_heads: int, hidden_size: int, side: int):
+    def __init__(
+        self, vocab_size: int, width: int, num_heads: int, hidden_size: int, side: int, grid_coords: bool
+    ):
         super().__init__()
         self.num_heads, self.side = num_heads, side
+        self.embed_scale = math.sqrt(width)
+        self.cell_embedding = CellEmbedding(vocab_size, width, grid_coords)
         self.q_proj = CastedLinear(width, width)
         self.kv_proj = CastedLinear(width, 2 * width)
         self.out = context_linear(width, hidden_size, hidden_size)
@@ -201,24 +219,23 @@ class CellLookup(nn.Module):
 
     def forward(
         self,
-        enc: DemoGridEncoder,
         query: torch.Tensor,
         demo_states: torch.Tensor,
         demo_attend: torch.Tensor,
         demo_colours: torch.Tensor,
         demo_partners: torch.Tensor,
     ) -> torch.Tensor:
-        """enc: the grid encoder whose embedding tables the query cells share (not a submodule here);
-        query [B, 900] tokens; demo_states [B, L, width], demo_attend [B, L], demo_colours and
-        demo_partners [B, L] tokens (`DemoGridEncoder(with_cells=True)`) → [B, side², hidden]."""
+        """query [B, 900] tokens; demo_states [B, L, width], demo_attend [B, L], demo_colours and
+        demo_partners [B, L] tokens (`EncodedDemos` packed per sample) → [B, side², hidden]."""
         b, side, length, width = query.shape[0], self.side, demo_states.shape[1], demo_states.shape[2]
         cells = canvas_corner(query, side)
         rows = torch.arange(side, device=query.device).repeat_interleave(side)
         cols = torch.arange(side, device=query.device).repeat(side)
-        coords = grid_coordinates(cells, side) if enc.far_side_embedding is not None else None
-        embedded = enc.embed_cells(cells, rows, cols, torch.zeros_like(rows), coords)  # as demo input cells
+        coords = grid_coordinates(cells, side) if self.cell_embedding.far_side_embedding is not None else None
+        # Embedded as demo input cells are (side 0).
+        embedded = self.cell_embedding(cells, rows, cols, torch.zeros_like(rows), coords)
         head_dim = width // self.num_heads
-        q = self.q_proj(embedded.to(demo_states.dtype) * enc.embed_scale)
+        q = self.q_proj(embedded.to(demo_states.dtype) * self.embed_scale)
         q = q.view(b, side * side, self.num_heads, head_dim).transpose(1, 2)
         k, v = self.kv_proj(demo_states).view(b, length, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         colour = torch.where(cells >= COLOR_OFFSET, cells, -1)[:, None, :, None]  # never equal to PAD or EOS

@@ -1,11 +1,10 @@
 """Context modules: turn a batch's demos (or its puzzle id) into the decoder's prefix context.
 
-Every demo encoder reads `demo_inputs`, `demo_outputs` [B, D, 900] and `demo_mask` [B, D] and
-returns `(context [B, context_len, hidden], kl [B] or None)`; with `arch.cell_lookup` or
-`arch.grid_maps` the context also holds, after those slots, one vector per cell of the decoder's
-canvas (the sum of `CellLookup`'s and `GridMapBank`'s). They
-share one per-demo grid transformer (`encoder_parts.DemoGridEncoder`) and differ in how the
-demos are combined:
+Every context module returns an `EncoderOutput`: the prefix slots, with `arch.cell_lookup` one
+vector per cell of the decoder's canvas (`CellLookup`'s), and the KL of variational encoders.
+Demo encoders read `demo_inputs`, `demo_outputs` [B, D, 900] and `demo_mask` [B, D]. They share
+one per-demo grid transformer (`encoder_parts.DemoGridEncoder`) and differ in how the demos are
+combined:
 
 - standard: summary token per demo → mean over demos → projection.
 - hybrid_standard: all demos' cell states → `context_len` learned queries (cross-attention).
@@ -22,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -38,7 +38,27 @@ from etrm.models.encoder_parts import (
     mean_over_present,
     pack_present,
 )
-from etrm.models.grid_maps import GridMapBank
+
+
+@dataclass
+class EncoderOutput:
+    """What a context module hands the decoder."""
+
+    slots: torch.Tensor  # [B, n ≤ puzzle_emb_len, hidden]: the prefix (the decoder zero-pads the rest)
+    cells: torch.Tensor | None = None  # [B, seq_len, hidden]: added to each query cell's token embedding
+    kl: torch.Tensor | None = None  # [B]: KL of a variational encoder's posterior, per sample
+
+    def with_rows(self, rows: torch.Tensor, fresh: EncoderOutput) -> EncoderOutput:
+        """This (cached) output with `rows` replaced by `fresh`, the encoder's output for those rows;
+        the KL is fresh's on those rows and 0 elsewhere (a cached row adds none)."""
+
+        def put(cached, new):
+            return None if cached is None else cached.index_put((rows,), new.to(cached.dtype))
+
+        kl = (
+            None if fresh.kl is None else fresh.kl.new_zeros(self.slots.shape[0]).index_put((rows,), fresh.kl)
+        )
+        return EncoderOutput(put(self.slots, fresh.slots), put(self.cells, fresh.cells), kl)
 
 
 class DemoEncoder(nn.Module, abc.ABC):
@@ -60,11 +80,12 @@ class DemoEncoder(nn.Module, abc.ABC):
         )
         side = math.isqrt(arch.seq_len)  # the decoder's canvas, whose cells the per-cell parts answer
         self.cell_lookup = (
-            CellLookup(self.width, self.num_heads, arch.hidden_size, side) if arch.cell_lookup else None
+            CellLookup(arch.vocab_size, self.width, self.num_heads, arch.hidden_size, side, arch.grid_coords)
+            if arch.cell_lookup
+            else None
         )
-        self.grid_maps = GridMapBank(arch.hidden_size, side, arch.grid_map_shift) if arch.grid_maps else None
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, batch: dict) -> EncoderOutput:
         present = batch["demo_mask"].bool()
         has_demos = present.any(dim=1)
         if not has_demos.any():
@@ -72,22 +93,19 @@ class DemoEncoder(nn.Module, abc.ABC):
             present = torch.zeros_like(present)
             present[0, 0] = True
         inputs, outputs = batch["demo_inputs"][present], batch["demo_outputs"][present]
-        with_cells = self.cell_lookup is not None
-        states, attend, *cells = self.grid_encoder(inputs, outputs, with_cells)
-        context, kl = self.combine(states, attend, present)
-        per_cell = None
-        if with_cells:
-            packed = pack_present(present, states, attend, *cells)
-            per_cell = self.cell_lookup(self.grid_encoder, batch["inputs"], *packed)
-        if self.grid_maps is not None:
-            proposed = self.grid_maps(inputs, outputs, present, batch["inputs"])
-            per_cell = proposed if per_cell is None else per_cell + proposed.to(per_cell.dtype)
-        if per_cell is not None:
-            context = torch.cat((context, per_cell.to(context.dtype)), dim=1)
-        context = torch.where(has_demos[:, None, None], context, torch.zeros_like(context))
-        if kl is not None:
-            kl = torch.where(has_demos, kl, torch.zeros_like(kl))
-        return context, kl
+        demos = self.grid_encoder(inputs, outputs)
+        slots, kl = self.combine(demos.states, demos.attend, present)
+        cells = None
+        if self.cell_lookup is not None:
+            packed = pack_present(present, demos.states, demos.attend, demos.colours, demos.partners)
+            cells = self.cell_lookup(batch["inputs"], *packed)
+
+        def zero_without_demos(value):
+            if value is None:
+                return None
+            return torch.where(has_demos.view(-1, *[1] * (value.dim() - 1)), value, torch.zeros_like(value))
+
+        return EncoderOutput(zero_without_demos(slots), zero_without_demos(cells), zero_without_demos(kl))
 
     @abc.abstractmethod
     def combine(self, states, attend, present) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -145,17 +163,15 @@ def samples_latent(arch: ArchConfig) -> bool:
 
 
 def build_encoder(arch: ArchConfig) -> nn.Module:
+    """The context module `arch.encoder_type` names: `forward(batch) -> EncoderOutput`."""
     if arch.encoder_type == "puzzle_embedding":
-        for option in ("cell_lookup", "grid_maps"):
-            if getattr(arch, option):
-                raise EtrmError(
-                    f"arch.{option} needs a demo encoder; arch.encoder_type=puzzle_embedding has no demos"
-                )
+        if arch.cell_lookup:
+            raise EtrmError(
+                "arch.cell_lookup needs a demo encoder; arch.encoder_type=puzzle_embedding has no demos"
+            )
         from etrm.models.puzzle_embedding import PuzzleEmbeddingContext
 
         return PuzzleEmbeddingContext(arch)
-    if not 0 <= arch.grid_map_shift <= 29:
-        raise EtrmError(f"arch.grid_map_shift={arch.grid_map_shift} must be in 0..29")
     if arch.encoder_type == "standard":
         return StandardEncoder(arch)
     if arch.encoder_type in ("hybrid_standard", "hybrid_variational"):

@@ -21,11 +21,6 @@ OUTSIDE = CANVAS  # the index of every cell outside its grid
 SLOTS = CANVAS + 1
 
 
-def canvas_corner(tokens: torch.Tensor, side: int) -> torch.Tensor:
-    """[N, 900] canvas tokens → [N, side·side]: the top-left side×side corner the decoder sees."""
-    return tokens.view(-1, CANVAS, CANVAS)[:, :side, :side].reshape(tokens.shape[0], side * side)
-
-
 def grid_shape(tokens: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens [N, side·side] (a grid at the top-left of a side×side canvas) → (height [N], width [N])."""
     cells = tokens.view(-1, side, side) >= COLOR_OFFSET

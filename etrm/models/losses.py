@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_LABEL_ID = -100
+from etrm.data.encoding import IGNORE_LABEL_ID
 
 
 def log_stablemax(logits: torch.Tensor) -> torch.Tensor:

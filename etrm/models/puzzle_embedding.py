@@ -18,6 +18,7 @@ from torch import nn
 
 from etrm.config import ArchConfig
 from etrm.errors import EtrmError
+from etrm.models.encoders import EncoderOutput
 
 
 class PuzzleEmbeddingContext(nn.Module):
@@ -35,7 +36,7 @@ class PuzzleEmbeddingContext(nn.Module):
         # (ids, gathered rows) of each training forward since the last take_sparse_grads().
         self._gathered: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, None]:
+    def forward(self, batch: dict[str, torch.Tensor]) -> EncoderOutput:
         ids = batch["puzzle_identifiers"]
         rows = self.weights[ids]
         if self.training and torch.is_grad_enabled():
@@ -43,7 +44,7 @@ class PuzzleEmbeddingContext(nn.Module):
             rows = rows.detach().requires_grad_(True)
             self._gathered.append((ids, rows))
         padded = F.pad(rows, (0, self.num_slots * self.hidden_size - self.embedding_dim))
-        return padded.view(ids.shape[0], self.num_slots, self.hidden_size), None
+        return EncoderOutput(padded.view(ids.shape[0], self.num_slots, self.hidden_size))
 
     def take_sparse_grads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(ids [N], grads [N, ndim]) of the rows used since the last call, or None; clears the record."""

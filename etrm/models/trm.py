@@ -85,22 +85,33 @@ class TRMDecoder(nn.Module):
         )
 
     def input_embeddings(
-        self, inputs: torch.Tensor, context: torch.Tensor, dtype: torch.dtype
+        self,
+        inputs: torch.Tensor,
+        context: torch.Tensor,
+        dtype: torch.dtype,
+        cells: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """sqrt(hidden) · [context zero-padded to the prefix length ; token embeddings (+ grid coordinates)]."""
+        """sqrt(hidden) · [context zero-padded to the prefix length ; token embeddings (+ per-cell vectors
+        `cells` [B, seq_len, hidden] when given) (+ grid coordinates)]."""
         tokens = self.embed_tokens(inputs)
-        if self.arch.cell_lookup or self.arch.grid_maps:  # the slots, then one vector per canvas cell
-            context, per_cell = context[:, : self.arch.context_len], context[:, self.arch.context_len :]
-            tokens = tokens + per_cell.to(tokens.dtype)
+        if cells is not None:
+            tokens = tokens + cells.to(tokens.dtype)
         if self.grid_coords is not None:
             tokens = tokens + self.grid_coords(grid_coordinates(inputs, self.canvas_side))
         tokens = tokens.to(dtype)
         prefix = F.pad(context.to(dtype), (0, 0, 0, self.prefix_len - context.shape[1]))
         return self.embed_scale * torch.cat((prefix, tokens), dim=1)
 
-    def forward(self, z_H: torch.Tensor, z_L: torch.Tensor, inputs: torch.Tensor, context: torch.Tensor):
+    def forward(
+        self,
+        z_H: torch.Tensor,
+        z_L: torch.Tensor,
+        inputs: torch.Tensor,
+        context: torch.Tensor,
+        cells: torch.Tensor | None = None,
+    ):
         """Returns (z_H, z_L) detached for the carry, logits [B, seq, vocab], q_halt [B], q_continue [B]."""
-        x = self.input_embeddings(inputs, context, z_H.dtype)
+        x = self.input_embeddings(inputs, context, z_H.dtype, cells)
         cos_sin = self.rotary_emb()
         # Deep supervision: only the last H cycle is back-propagated through.
         with torch.no_grad():

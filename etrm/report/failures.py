@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-NUM_COLOURS = 10
+from etrm.data.encoding import NUM_COLORS
+
 OUTCOME_K = "2"  # a puzzle counts as solved within two attempts, as ARC scores it
 
 
@@ -69,7 +70,7 @@ class Confusion:
 
 
 def wrong_cell_confusion(failed: list[Failure]) -> Confusion:
-    counts = np.zeros((NUM_COLOURS, NUM_COLOURS), dtype=np.int64)
+    counts = np.zeros((NUM_COLORS, NUM_COLORS), dtype=np.int64)
     shape_mismatches = no_prediction = 0
     for f in failed:
         if f.predicted is None:
@@ -78,7 +79,7 @@ def wrong_cell_confusion(failed: list[Failure]) -> Confusion:
             shape_mismatches += 1
         else:
             in_palette = (
-                (f.target >= 0) & (f.target < NUM_COLOURS) & (f.predicted >= 0) & (f.predicted < NUM_COLOURS)
+                (f.target >= 0) & (f.target < NUM_COLORS) & (f.predicted >= 0) & (f.predicted < NUM_COLORS)
             )
             wrong = (f.predicted != f.target) & in_palette
             np.add.at(counts, (f.target[wrong], f.predicted[wrong]), 1)

@@ -13,9 +13,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
+from etrm.data.encoding import NUM_COLORS  # noqa: E402
 from etrm.diagnose.grad_health import HEALTHY_ABOVE, UNHEALTHY_BELOW  # noqa: E402
 from etrm.diagnose.runs import Run  # noqa: E402
-from etrm.report.failures import NUM_COLOURS, Confusion, Outcomes  # noqa: E402
+from etrm.report.failures import Confusion, Outcomes  # noqa: E402
 from etrm.report.summary import RunSummary  # noqa: E402
 
 DPI = 100
@@ -205,8 +206,8 @@ def plot_confusions(confusions: dict[str, Confusion], path: Path) -> Path:
             if value:
                 colour = "white" if value > darkest / 2 else "black"
                 ax.text(j, i, str(value), ha="center", va="center", fontsize=7, color=colour)
-        ax.set_xticks(range(NUM_COLOURS))
-        ax.set_yticks(range(NUM_COLOURS))
+        ax.set_xticks(range(NUM_COLORS))
+        ax.set_yticks(range(NUM_COLORS))
         ax.set_xlabel("predicted colour")
         ax.set_ylabel("expected colour")
         ax.set_title(
@@ -223,7 +224,7 @@ def draw_grid(ax: plt.Axes, grid: np.ndarray | None, title: str) -> None:
     if grid is None:
         ax.text(0.5, 0.5, "no grid", ha="center", va="center", transform=ax.transAxes)
         return
-    ax.imshow(grid, cmap=ARC_CMAP, vmin=0, vmax=NUM_COLOURS - 1, interpolation="nearest")
+    ax.imshow(grid, cmap=ARC_CMAP, vmin=0, vmax=NUM_COLORS - 1, interpolation="nearest")
     ax.set_xticks(np.arange(-0.5, grid.shape[1], 1), minor=True)
     ax.set_yticks(np.arange(-0.5, grid.shape[0], 1), minor=True)
     ax.grid(which="minor", color="#555555", linewidth=0.5)

@@ -34,7 +34,6 @@ from etrm.runs.folder import RunLock, claim_run_folder
 from etrm.train.distributed import (
     DistContext,
     all_reduce_grads_,
-    all_reduce_sum_,
     barrier,
     broadcast_from_main,
     broadcast_parameters_,
@@ -43,7 +42,7 @@ from etrm.train.distributed import (
     shutdown,
 )
 from etrm.train.ema import EMA
-from etrm.train.metrics import MetricsLogger, check_wandb_login
+from etrm.train.metrics import MetricsLogger, check_wandb_login, sum_over_ranks
 from etrm.train.optim import build_optimizer
 from etrm.train.schedule import lr_factor
 
@@ -69,7 +68,6 @@ RESUMABLE_CHANGES = (
     "train.keep_checkpoints",
     "train.spike_factor",
     "data.path",
-    "data.num_workers",
     "logging.project",
     "logging.run_name",
     "logging.wandb",
@@ -214,6 +212,7 @@ class Trainer:
     def __init__(
         self, cfg: RunConfig, run_dir: Path, ctx: DistContext, *, resume: bool = False, preset: str = ""
     ):
+        from etrm.data.dataset import open_dataset
         from etrm.data.episodes import EpisodeSampler
         from etrm.models import build_model
         from etrm.models.losses import ACTLossHead
@@ -537,11 +536,10 @@ class Trainer:
         sparse = self.sparse_table.take_sparse_grads() if self.sparse_table is not None else None
         if sparse is not None:
             sparse = _all_gather_rows(sparse, self.ctx)
-        stats = self._step_statistics(loss, metrics, outputs)
-        all_reduce_sum_([stats], self.ctx)
+        stats = sum_over_ranks(self._step_statistics(loss, metrics, outputs), self.ctx)
         norms = self._grad_norms(sparse)
 
-        loss_per_sample = stats[0].item() / t.global_batch_size
+        loss_per_sample = stats["loss"] / t.global_batch_size
         if not (math.isfinite(loss_per_sample) and math.isfinite(norms["total"])):
             self._log_event("nonfinite_loss", loss=loss_per_sample, grad_norm=norms["total"])
             self._stop_nonfinite(
@@ -567,17 +565,19 @@ class Trainer:
         self.step += 1
         self._accumulate(stats, norms, factor)
 
-    def _step_statistics(self, loss, metrics, outputs) -> torch.Tensor:
-        """[loss, the metric sums, context square-sum, context size, steps histogram] as one float64 vector."""
+    def _step_statistics(self, loss, metrics, outputs) -> dict[str, torch.Tensor]:
+        """This rank's step, by name: the loss, the metric sums, the context slots' square-sum and size,
+        and how many rows halted after 1, 2, … halt_max_steps ACT steps."""
         halted = self.carry.halted
         hist = torch.bincount(self.carry.steps[halted].long(), minlength=self.cfg.arch.halt_max_steps + 1)
-        context = outputs["context"][
-            :, : self.cfg.arch.context_len
-        ].float()  # the slots, not per-cell vectors
-        values = [loss.detach().double()] + [metrics[k].detach().double() for k in _SUM_KEYS]
-        values += [context.square().sum().double(), torch.tensor(float(context.numel()), dtype=torch.float64)]
-        device = self.ctx.device
-        return torch.cat([torch.stack([v.to(device) for v in values]), hist[1:].to(device, torch.float64)])
+        context = outputs["context"].float()
+        return {
+            "loss": loss,
+            **{k: metrics[k] for k in _SUM_KEYS},
+            "context_square_sum": context.square().sum(),
+            "context_size": torch.tensor(float(context.numel())),
+            "halted_after": hist[1:],
+        }
 
     def _grad_norms(self, sparse) -> dict[str, float]:
         """Gradient norms after the all-reduce, before clipping: encoder (incl. the puzzle-id rows), decoder, total."""
@@ -640,14 +640,12 @@ class Trainer:
             f"stopped without saving; {advice}. Check the data too."
         )
 
-    def _accumulate(self, stats: torch.Tensor, norms: dict[str, float], factor: float) -> None:
+    def _accumulate(self, stats: dict[str, Any], norms: dict[str, float], factor: float) -> None:
         w = self.window
-        values = stats.tolist()
-        for i, k in enumerate(_SUM_KEYS, start=1):
-            w.sums[k] += values[i]
-        square_sum, numel = values[len(_SUM_KEYS) + 1], values[len(_SUM_KEYS) + 2]
-        w.context_rms += math.sqrt(square_sum / max(numel, 1.0))
-        w.steps_hist = [a + int(b) for a, b in zip(w.steps_hist, values[len(_SUM_KEYS) + 3 :], strict=True)]
+        for k in _SUM_KEYS:
+            w.sums[k] += stats[k]
+        w.context_rms += math.sqrt(stats["context_square_sum"] / max(stats["context_size"], 1.0))
+        w.steps_hist = [a + int(b) for a, b in zip(w.steps_hist, stats["halted_after"], strict=True)]
         for k in w.norms:
             w.norms[k] += norms[k]
         w.steps += 1
@@ -746,17 +744,6 @@ def _compiled(loss_head: nn.Module, backend: str):
             f"train.compile={backend!r} is not off or a torch.compile backend ({', '.join(known)})"
         )
     return torch.compile(loss_head, backend=backend)
-
-
-def open_dataset(path: str):
-    from etrm.data.dataset import ArcDataset
-
-    if not Path(path).exists():
-        raise EtrmError(
-            f"data.path={path}: no dataset there; build one with `etrm data build --out {path}` "
-            f"or point --set data.path=... at a folder written by `etrm data build`"
-        )
-    return ArcDataset.open(path)
 
 
 # Presets whose design starts from a pretrained decoder: they need train.init_from set on purpose.

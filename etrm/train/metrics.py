@@ -1,4 +1,5 @@
 """Metric logging: `metrics.jsonl` in the run folder is the source of truth; W&B mirrors it.
+Per-step statistics travel by name (`sum_over_ranks`), never by position.
 
 W&B is imported only when enabled and writes its files into the run folder (`RUN/wandb/`),
 offline by default so no account is needed; `online` is refused up front without an API key.
@@ -16,10 +17,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import torch
+
 from etrm.config import RunConfig, config_to_dict
 from etrm.errors import EtrmError
 from etrm.io import atomic_write_bytes
 from etrm.runs.folder import METRICS_FILE, read_metrics_file
+from etrm.train.distributed import DistContext, all_reduce_sum_
 
 
 def _json_value(v: Any) -> Any:
@@ -83,6 +87,24 @@ def check_wandb_login(cfg: RunConfig) -> None:
             "logging.wandb=online (--wandb online) needs a W&B API key: run `wandb login` or set "
             "WANDB_API_KEY, or use --wandb offline"
         )
+
+
+def sum_over_ranks(values: dict[str, torch.Tensor], ctx: DistContext) -> dict[str, float | list[float]]:
+    """Named per-step values (scalars or vectors) summed over ranks in one message and read back in one
+    transfer: a scalar comes back as a float, a vector as a list, each under its own name."""
+    # Copies: the reduction writes its sums back into what it is given, never into the caller's tensors.
+    flat = {
+        name: v.detach().to(ctx.device, torch.float64, copy=True).reshape(-1) for name, v in values.items()
+    }
+    all_reduce_sum_(list(flat.values()), ctx)
+    summed = torch.cat(list(flat.values())).tolist()
+    out: dict[str, float | list[float]] = {}
+    offset = 0
+    for name, v in values.items():
+        chunk = summed[offset : offset + v.numel()]
+        out[name] = chunk[0] if v.dim() == 0 else chunk
+        offset += v.numel()
+    return out
 
 
 def _start_wandb(run_dir: Path, cfg: RunConfig):
