@@ -16,7 +16,7 @@ steps, the variance of the encoder's context across the trained puzzles (the des
 
     python benchmarks/bench_overfit.py [--minutes 15] [--steps N] [--presets E1a,E1d] [--parallel 2]
 
-Prints a table, appends its rows to benchmarks/bench_overfit.csv and a section to
+Prints a table, appends its rows to benchmarks/results/bench_overfit.csv and a section to
 benchmarks/RESULTS.md under "## bench_overfit", beside the design's full-size figures.
 """
 
