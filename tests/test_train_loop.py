@@ -222,16 +222,24 @@ def test_loss_spike_halves_the_learning_rate(data, tmp_path, monkeypatch):
     assert lrs[11] == pytest.approx(cfg.train.lr) and lrs[12] == lrs[13] == pytest.approx(cfg.train.lr / 2)
 
 
+# The reference fixture's decoder (tests/fixtures/trm_parity/trm_A_config.json).
+TRM_FIXTURE_SIZES = (
+    "arch.hidden_size=64",
+    "arch.num_heads=2",
+    "arch.expansion=4",
+    "arch.L_layers=2",
+    "arch.L_cycles=1",
+)
+
+
 def test_pretrained_decoder_starts_from_the_trm_checkpoint(data, tmp_path):
-    sizes = [
-        "arch.hidden_size=64",
-        "arch.num_heads=2",
-        "arch.expansion=4",
-        "arch.L_layers=2",
-        "arch.L_cycles=1",
-    ]
     cfg = tiny_config(
-        "SF5", data, *sizes, "train.max_steps=1", "train.ema=false", f"train.init_from={TRM_CHECKPOINT}"
+        "SF5",
+        data,
+        *TRM_FIXTURE_SIZES,
+        "train.max_steps=1",
+        "train.ema=false",
+        f"train.init_from={TRM_CHECKPOINT}",
     )
     run = train(cfg, tmp_path / "run", progress=False)
     reference = torch.load(TRM_CHECKPOINT, weights_only=True)
@@ -255,8 +263,7 @@ def test_a_trm_checkpoint_is_a_foreign_decoder(data, tmp_path, capsys):
     from etrm.train.distributed import init_distributed, shutdown
     from etrm.train.loop import Trainer
 
-    sizes = ["arch.hidden_size=64", "arch.num_heads=2", "arch.expansion=4", "arch.L_layers=2"]
-    cfg = tiny_config("SF2", data, *sizes, "arch.L_cycles=1", f"train.init_from={TRM_CHECKPOINT}")
+    cfg = tiny_config("SF2", data, *TRM_FIXTURE_SIZES, f"train.init_from={TRM_CHECKPOINT}")
     ctx = init_distributed()
     try:
         trainer = Trainer(cfg, tmp_path / "run", ctx, preset="SF2")
@@ -276,18 +283,11 @@ def test_a_trm_checkpoint_is_a_foreign_decoder(data, tmp_path, capsys):
 
 
 def test_a_decoder_descending_from_a_foreign_checkpoint_stays_not_few_shot(data, tmp_path, capsys):
-    sizes = [
-        "arch.hidden_size=64",
-        "arch.num_heads=2",
-        "arch.expansion=4",
-        "arch.L_layers=2",
-        "arch.L_cycles=1",
-    ]
     first = train(
         tiny_config(
             "SF5",
             data,
-            *sizes,
+            *TRM_FIXTURE_SIZES,
             "train.max_steps=1",
             f"train.init_from={TRM_CHECKPOINT}",
             "logging.run_name=from-trm",
@@ -296,7 +296,7 @@ def test_a_decoder_descending_from_a_foreign_checkpoint_stays_not_few_shot(data,
         progress=False,
     )
     second = train(
-        tiny_config("SF2", data, *sizes, "train.max_steps=1", f"train.init_from={first}"),
+        tiny_config("SF2", data, *TRM_FIXTURE_SIZES, "train.max_steps=1", f"train.init_from={first}"),
         tmp_path / "second",
         progress=False,
     )
