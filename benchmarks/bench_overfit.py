@@ -121,6 +121,7 @@ def overfit_config(preset: str, data: Path, args):
             f"train.max_steps={args.steps}",
             f"train.seed={args.seed}",
             f"logging.run_name={preset}",
+            "train.init_from=none",  # no decoder is pretrained at the recipe's sizes: from scratch (--set to change)
             *args.settings,
         ],
     )

@@ -28,6 +28,7 @@ def test_each_preset_keeps_its_encoder_at_the_recipe_sizes(tmp_path):
         )  # fmt: skip
         assert (a.hidden_size, a.halt_max_steps, a.H_cycles, a.L_cycles) == (64, 2, 2, 1)  # the recipe's
         assert a.cell_lookup and a.seq_len == 121  # an 11×11 corner: 10×10 grids and their EOS
+        assert cfg.train.init_from == "none"  # the presets demand a decoder choice; this one is on purpose
         assert cfg.data.max_train_groups == 32 and cfg.data.path == str(tmp_path / "data")
         assert (t.max_minutes, t.max_steps, t.seed, t.lr, t.global_batch_size) == (15.0, 1750, 3, 2e-3, 32)
 
