@@ -7,7 +7,6 @@ to rank 0 for checkpoints and scattered back on resume.
 
 from __future__ import annotations
 
-import datetime
 import os
 import subprocess
 import sys
@@ -17,8 +16,6 @@ import torch
 import torch.distributed as dist
 
 from etrm.errors import EtrmError
-
-EVAL_WAIT = datetime.timedelta(hours=3)
 
 
 @dataclass(frozen=True)
@@ -42,8 +39,8 @@ def init_distributed() -> DistContext:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        # Rank 0 evaluates alone while the others wait at a barrier: allow a long evaluation.
-        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=EVAL_WAIT)
+        # The default timeout: every rank takes a share of each evaluation, so none waits long.
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
     return DistContext(dist.get_rank(), world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
 
 
