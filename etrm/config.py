@@ -434,6 +434,7 @@ def _semi_final(
             "train.grad_clip=1.0",
             "train.epochs=1000",
             "train.eval_interval=200",
+            "train.eval_num_aug=0",  # the design's protocol: vote over every stored augmentation
             "train.lr_warmup_steps=500",
         ],
     )

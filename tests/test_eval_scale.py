@@ -1,5 +1,5 @@
-"""Evaluation shared out over processes: vectorised cropping and inversion, order-free predictions,
-and `etrm eval --nproc 2` writing the same files as one process."""
+"""Evaluation at the semi-final's scale: vectorised cropping and inversion, order-free predictions,
+`etrm eval --nproc 2` writing the same files as one process, the design's protocol in the presets."""
 
 import json
 import os
@@ -12,6 +12,7 @@ import pytest
 import torch
 from train_helpers import build_tiny_dataset, tiny_config
 
+from etrm.config import PRESETS, get_preset
 from etrm.data.augment import NUM_DIHEDRAL, augment_grid, invert_grid, invert_grids
 from etrm.data.encoding import CANVAS, EOS_TOKEN, decode_grid, decode_grids, encode_grid
 from etrm.eval.predictions import NO_GRID, GridInterner, Predictions, PredictionsBuilder, Shard
@@ -142,3 +143,11 @@ def test_eval_on_two_processes_writes_the_same_files_as_one(tmp_path):
     predictions = Predictions.load(one / "predictions.npz")
     assert predictions.grid_ids.shape == (2, 3) and (predictions.grid_ids >= 0).all()  # grids to vote on
     assert results["protocol"] == "vote@3" and results["num_aug"] == 3
+
+
+def test_semi_final_and_final_presets_vote_over_every_stored_augmentation():
+    voted = [name for name, info in PRESETS.items() if info.phase in ("semi-final", "final")]
+    assert {"SF1", "SF6", "final"} <= set(voted)
+    for name in voted:
+        assert get_preset(name).train.eval_num_aug == 0, name  # 0 = all stored (~912 on ARC-AGI-1)
+        assert get_preset(name, size="cpu-smoke").train.eval_num_aug == 1, name  # smoke runs stay quick
