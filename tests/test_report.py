@@ -170,3 +170,50 @@ def test_pareto_frontier():
     points = [(3, 20.0), (1, 10.0), (2, 5.0), (3, 15.0), (4, 20.0), (5, 30.0)]
     assert pareto_frontier(points) == [(1, 10.0), (3, 20.0), (5, 30.0)]
     assert pareto_frontier([]) == []
+
+
+def test_a_full_eval_of_a_step_replaces_the_training_figures_and_names_its_protocol(tmp_path):
+    from etrm.diagnose.runs import load_run
+    from etrm.report.summary import summarize
+
+    root = tmp_path / "runs"
+    make_run(root, "A", test_em=[0.1, 0.2, 0.30], params=7_000_000, results=grid_results({}))
+    make_run(root, "B", test_em=[0.1, 0.2, 0.28], params=6_000_000)
+    last = load_run(root / "B").eval_rows[-1]["step"]
+
+    def write(run, folder, evaluated_by, metrics, protocol):
+        results = {"split": "test", "num_aug": 912, "protocol": protocol, "evaluated_by": evaluated_by}
+        (root / run / "eval" / folder).mkdir(parents=True, exist_ok=True)
+        (root / run / "eval" / folder / "results.json").write_text(
+            json.dumps({**results, "metrics": metrics})
+        )
+
+    # B's last checkpoint was evaluated in full, test and train; A's file is training's own (its row stays).
+    write("B", f"step-{last}", "etrm eval", {"pass@1": 0.5, "pass@2": 0.6, "num_puzzles": 400}, "vote@912")
+    write("B", f"step-{last}-train", "etrm eval", {"pass@1": 0.7, "train_em": 0.7}, "vote@912")
+    write("A", f"step-{last}", "training", {"pass@1": 0.9, "pass@2": 0.9}, "vote@8")
+    b, a = summarize(load_run(root / "B")), summarize(load_run(root / "A"))
+    assert (b.test_em, b.test_pass2, b.train_em, b.gap) == (0.5, 0.6, 0.7, pytest.approx(0.2))
+    assert (b.protocol, b.train_protocol, b.source) == (
+        "vote@912",
+        "vote@912",
+        f"eval/step-{last}/results.json",
+    )
+    assert (a.test_em, a.protocol, a.train_protocol, a.source) == (
+        0.30,
+        "unknown",
+        "identity",
+        "metrics.jsonl",
+    )
+
+    report = build_report([root / "A", root / "B"], tmp_path / "out")
+    assert report.selection.winner == "B"
+    assert report.selection.notes == [
+        "test EM compared across evaluation protocols: A unknown, B vote@912; "
+        "evaluate the runs alike (`etrm eval RUN/step-N`) for a fair comparison"
+    ]
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "**Note:** test EM compared across evaluation protocols" in text
+    assert f"| vote@912 (eval/step-{last}/results.json) |" in text
+    assert "| unknown, train identity (metrics.jsonl) |" in text
+    assert "test EM 50.0% (vote@912)" in text

@@ -136,6 +136,7 @@ def _run_model(
     from etrm.console import err_console
     from etrm.data.dataset import ArcDataset
     from etrm.eval.inference import evaluate
+    from etrm.eval.results import BY_EVAL_COMMAND
     from etrm.runs.checkpoint import choose_weights, describe_weights, load_for_inference, resolve_checkpoint
     from etrm.train.distributed import init_distributed, shutdown
 
@@ -186,6 +187,7 @@ def _run_model(
             shutdown(ctx)
     if result is None:
         return None, None, scope
+    result.predictions.meta["evaluated_by"] = BY_EVAL_COMMAND
     if out is None and tasks:
         return result, None, scope  # a few puzzles' scores must not replace the checkpoint's full evaluation
     # Train EM goes beside the checkpoint's test evaluation, which `etrm report` reads, not over it.

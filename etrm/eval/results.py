@@ -16,6 +16,8 @@ from etrm.eval.voting import KS, Ranking, Scores, score_predictions, vote
 from etrm.io import Output, atomic_dir, atomic_write_json
 
 TOP_CANDIDATES = 10  # candidates per query kept in results.json
+# results.json's `evaluated_by`: `etrm report` prefers a checkpoint's full `etrm eval` to training's own.
+BY_TRAINING, BY_EVAL_COMMAND = "training", "etrm eval"
 # An eval folder is recognised by its results.json (with metrics); the other files have fixed names.
 EVAL_OUTPUT = Output(
     "eval",
@@ -125,6 +127,7 @@ class EvalResult:
             "fewshot": p.meta.get("fewshot"),
             "num_aug": p.num_aug,
             "protocol": self.protocol,
+            "evaluated_by": p.meta.get("evaluated_by"),
             "step": p.meta.get("step"),
             "metrics": self.metrics,
             "puzzles": puzzles,

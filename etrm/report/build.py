@@ -246,6 +246,7 @@ RANKING_COLUMNS = (
     "explore",
     "ACT",
     "evals",
+    "protocol",
 )
 
 
@@ -269,9 +270,18 @@ def ranking_rows(report: Report) -> list[dict[str, Any]]:
                 "explore": "—" if s.exploration is None else f"{s.exploration:g}",
                 "ACT": s.act_range,
                 "evals": s.evaluations,
+                "protocol": _protocols(s),
             }
         )
     return rows
+
+
+def _protocols(s) -> str:
+    """Which protocol made the test (and, when it differs, the train) figures, and the file they came from."""
+    if not s.protocol:
+        return "—"
+    train = f", train {s.train_protocol}" if s.train_protocol and s.train_protocol != s.protocol else ""
+    return f"{s.protocol}{train} ({s.source})"
 
 
 def recommendations(report: Report) -> list[str]:
@@ -338,10 +348,14 @@ def render_markdown(report: Report) -> str:
         + ".",
         "## Summary",
         verdict,
+        *(f"**Note:** {note}." for note in sel.notes),
         "## Ranking",
         _markdown_table(ranking_rows(report), RANKING_COLUMNS),
         "Test EM is the last evaluation's pass@1; gap = train EM − test EM; slope = test EM change per 1000 "
-        "epochs over the last evaluations; grad ratio = encoder/total gradient norm before clipping, last window.",
+        "epochs over the last evaluations; grad ratio = encoder/total gradient norm before clipping, last window. "
+        "protocol: how the figures were made (vote@N: voted over N augmentations, vote@all: over every stored "
+        "one, identity: the identity augmentation alone) and where they come from (a full `etrm eval` of the "
+        "checkpoint, eval/step-N/results.json, is preferred to the training's metrics.jsonl row).",
         "## Selection",
         "Rules applied in order:\n\n"
         + "\n".join(f"{i}. {line}" for i, line in enumerate(sel.reasoning, start=1)),

@@ -32,6 +32,9 @@ class RunSummary:
     encoder_type: str | None
     act_range: str
     act_stuck_at: int | None
+    protocol: str = ""  # how the last test EM was made (vote@N, identity) and from which file
+    train_protocol: str = ""
+    source: str = ""
 
     @property
     def evaluated(self) -> bool:
@@ -82,4 +85,7 @@ def summarize(run: Run, health: GradHealth | None = None, act: ActStats | None =
         encoder_type=run.config_value("arch", "encoder_type"),
         act_range=step_range_text(act.histogram),
         act_stuck_at=act.stuck_at,
+        protocol=str(evals[-1].get("eval/protocol", "")) if evals else "",
+        train_protocol=str(evals[-1].get("eval/train_protocol", "")) if evals else "",
+        source=str(evals[-1].get("eval/source", "")) if evals else "",
     )

@@ -678,7 +678,10 @@ class Trainer:
         self.model.train()
         if result is None:  # not rank 0: its share went to rank 0
             return
+        from etrm.eval.results import BY_TRAINING
+
         out = self.run_dir / "eval" / f"step-{self.step}"
+        result.predictions.meta["evaluated_by"] = BY_TRAINING
         result.write(out)
         row: dict[str, Any] = {"step": self.step, "epoch": self.step / self.steps_per_epoch}
         row.update(result.metrics_row())
