@@ -205,3 +205,61 @@ def test_presets_listing(capsys):
     assert rows["trm"]["params"] == 6_829_058 and rows["trm"]["encoder_params"] == 0
     assert rows["SF5"]["encoder"] == "standard" and rows["SF5"]["batch"] == 256
     assert rows["SF1"]["params"] == 6_829_058 + rows["SF1"]["encoder_params"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_nodes(*etrm_args):
+    """`etrm ARGS` under torchrun as two "machines" of one process each, meeting by c10d rendezvous."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+    cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "etrm-test"]
+    nodes = [
+        subprocess.Popen(
+            [*cmd, "-m", "etrm", *etrm_args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err[-3000:]
+    return [out for out, _ in outputs]
+
+
+def test_two_nodes_by_c10d_rendezvous_train_and_evaluate(data, tmp_path):
+    cfg = tiny_config("SF1", data, "train.max_steps=4", "train.eval_interval=1", "train.eval_num_aug=2")
+    config_file = tmp_path / "cfg.json"
+    config_file.write_text(json.dumps(config_to_dict(cfg)))
+    run = tmp_path / "run"
+    outputs = _two_nodes("train", "--config", str(config_file), "--out", str(run))
+    assert sum("trained SF1" in out for out in outputs) == 1  # global rank 0 alone reports and writes
+    assert json.loads((run / "run_info.json").read_text())["world_size"] == 2
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 4]
+    assert read_metrics(run)[-1]["eval/protocol"] == "vote@2"
+    # Evaluating the checkpoint over the two nodes writes what one process writes.
+    _two_nodes("eval", str(run), "--batch-size", "2", "--out", str(tmp_path / "two"))
+    one_process = [
+        sys.executable,
+        "-m",
+        "etrm",
+        "eval",
+        str(run),
+        "--batch-size",
+        "2",
+        "--out",
+        str(tmp_path / "one"),
+    ]
+    proc = subprocess.run(one_process, capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (tmp_path / name / "predictions.npz" for name in ("one", "two"))
+    assert one.read_bytes() == two.read_bytes()
