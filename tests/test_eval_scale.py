@@ -151,3 +151,21 @@ def test_semi_final_and_final_presets_vote_over_every_stored_augmentation():
     for name in voted:
         assert get_preset(name).train.eval_num_aug == 0, name  # 0 = all stored (~912 on ARC-AGI-1)
         assert get_preset(name, size="cpu-smoke").train.eval_num_aug == 1, name  # smoke runs stay quick
+
+
+def test_eval_refuses_what_a_shared_run_or_compile_cannot_do(tmp_path, capsys):
+    from etrm.cli import main
+
+    data = build_tiny_dataset(tmp_path)
+    cfg = tiny_config("SF1", data)
+    save_checkpoint(tmp_path / "run", 4, build_model(cfg.arch).state_dict(), None, cfg, {"step": 4}, keep=1)
+    cases = [
+        (["--nproc", "0"], "--nproc must be ≥ 1, got 0"),
+        (["--nproc", "2", "--device", "cpu"], "--nproc and torchrun share out a model run"),
+        (["--compile", "--device", "cpu"], "--compile needs a CUDA device; this evaluation runs on cpu"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as error:
+            main(["eval", str(tmp_path / "run"), *args])
+        assert error.value.code == 2 and message in capsys.readouterr().err, args
+    assert not (tmp_path / "run" / "eval").exists()

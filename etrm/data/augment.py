@@ -105,19 +105,6 @@ def dihedral_index_tables() -> np.ndarray:
     return tables
 
 
-@functools.cache
-def translation_tables() -> np.ndarray:
-    """tables[r, c] [900]: source cell of an untranslated canvas shifted down r and right c (PAD_SLOT if none)."""
-    rows, cols = np.divmod(np.arange(SEQ_LEN), CANVAS)
-    tables = np.full((CANVAS, CANVAS, SEQ_LEN), PAD_SLOT, dtype=np.int16)
-    for dr in range(CANVAS):
-        for dc in range(CANVAS):
-            inside = (rows >= dr) & (cols >= dc)
-            tables[dr, dc, inside] = (rows[inside] - dr) * CANVAS + (cols[inside] - dc)
-    tables.setflags(write=False)
-    return tables
-
-
 def transformed_shapes(shapes: np.ndarray, dihedral: np.ndarray) -> np.ndarray:
     """Grid shapes [n, 2] after the dihedral transforms (odd quarter turns swap the sides)."""
     swap = (np.asarray(dihedral) % 2 == 1)[:, None]
@@ -150,6 +137,10 @@ class CanvasBank:
         bank_row, position = np.nonzero(is_colour)
         self.cell_positions = position.astype(np.int16)
         self.cell_colours = self.canvases[bank_row, position] - COLOR_OFFSET  # uint8
+        # EOS cells likewise: a translated canvas is drawn cell by cell rather than gathered whole.
+        is_eos = self.canvases == EOS_TOKEN
+        self.eos_offsets = np.concatenate([[0], np.cumsum(is_eos.sum(axis=1))])
+        self.eos_positions = np.nonzero(is_eos)[1].astype(np.int16)
 
     def render_into(
         self,
@@ -159,22 +150,25 @@ class CanvasBank:
         colors: np.ndarray,
         offsets: np.ndarray | None = None,
     ) -> None:
-        """out[dest_rows] = augmented tokens. out: C-contiguous int64 [*, 900]; dest_rows [m] increasing;
+        """out[dest_rows] = augmented tokens. out: C-contiguous int64 or uint8 [*, 900]; dest_rows [m] increasing;
         bank_rows [m] pick (grid, dihedral); colors [m, 10] the colour permutations; offsets [m, 2] an
         optional translation (row, column). Rows of out not named are left untouched."""
-        canvases = self.canvases[bank_rows]
-        if offsets is not None:
-            canvases = translate_canvases(canvases, offsets)
-        # Copy runs of consecutive destination rows as slices (a casting fancy-index store is slow).
+        # Copy runs of consecutive destination rows as slices (a casting fancy-index store is slow);
+        # a translated row starts empty and gets its EOS cells moved (those pushed off the canvas dropped).
         run_starts = np.flatnonzero(np.diff(dest_rows, prepend=-2) != 1)
         run_ends = np.append(run_starts[1:], len(dest_rows))
         for start, end in zip(run_starts.tolist(), run_ends.tolist(), strict=True):
             first = int(dest_rows[start])
-            out[first : first + end - start] = canvases[start:end]
-        starts = self.cell_offsets[bank_rows]
-        counts = self.cell_offsets[bank_rows + 1] - starts
-        owner = np.repeat(np.arange(len(bank_rows)), counts)
-        cell = np.arange(int(counts.sum())) + np.repeat(starts - (np.cumsum(counts) - counts), counts)
+            out[first : first + end - start] = (
+                self.canvases[bank_rows[start:end]] if offsets is None else PAD_TOKEN
+            )
+        if offsets is not None:
+            owner, cell = _cells_of(self.eos_offsets, bank_rows)
+            row, col = np.divmod(self.eos_positions[cell].astype(np.int64), CANVAS)
+            row, col = row + offsets[owner, 0], col + offsets[owner, 1]
+            inside = (row < CANVAS) & (col < CANVAS)
+            out.reshape(-1)[(dest_rows[owner] * SEQ_LEN + row * CANVAS + col)[inside]] = EOS_TOKEN
+        owner, cell = _cells_of(self.cell_offsets, bank_rows)
         position = dest_rows[owner] * SEQ_LEN + self.cell_positions[cell]
         if offsets is not None:
             position += (offsets[:, 0] * CANVAS + offsets[:, 1])[owner]
@@ -183,11 +177,13 @@ class CanvasBank:
         )
 
 
-def translate_canvases(canvases: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Shift canvases [n, 900] down/right by offsets [n, 2], filling with PAD (TRM's translation)."""
-    padded = np.concatenate([canvases, np.full((len(canvases), 1), PAD_TOKEN, canvases.dtype)], axis=1)
-    shift = translation_tables()[offsets[:, 0], offsets[:, 1]]
-    return np.take_along_axis(padded, shift.astype(np.intp), axis=1)
+def _cells_of(offsets: np.ndarray, bank_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(which of `bank_rows` owns each cell, the cell's index) of the ragged cell lists `offsets` cuts."""
+    starts = offsets[bank_rows]
+    counts = offsets[bank_rows + 1] - starts
+    owner = np.repeat(np.arange(len(bank_rows)), counts)
+    cell = np.arange(int(counts.sum())) + np.repeat(starts - (np.cumsum(counts) - counts), counts)
+    return owner, cell
 
 
 def check_seed(seed: int) -> None:

@@ -60,6 +60,9 @@ def eval_command(
     nproc: int = typer.Option(
         1, "--nproc", help="Processes on this machine sharing the work (launches torchrun); rank 0 writes."
     ),
+    compile: bool = typer.Option(
+        False, "--compile", help="torch.compile the ACT step (CUDA only; pays off on long evaluations)."
+    ),
 ) -> None:
     """Vote over augmented predictions and score pass@k; write results.json, predictions.npz and submissions."""
     from etrm.eval.results import EVAL_OUTPUT
@@ -100,6 +103,7 @@ def eval_command(
             args += ["--batch-size", str(batch_size), "--vote" if vote else "--no-vote"]
             args += ["--ema" if ema else "--no-ema"] + (["--all-groups"] if all_groups else [])
             args += ["--json"] if as_json else []
+            args += ["--compile"] if compile else []
             for flag, value in (("--data", data), ("--out", out)):
                 args += [flag, str(value)] if value is not None else []
             for flag, values in (("--task", tasks or []), ("--k", list(ks) if ks != KS else [])):
@@ -107,7 +111,7 @@ def eval_command(
                     args += [flag, str(value)]
             raise typer.Exit(launch_torchrun(nproc, args))
         result, out, scope = _run_model(
-            run, data, split, vote, num_aug, batch_size, device, ema, out, ks, tasks, all_groups
+            run, data, split, vote, num_aug, batch_size, device, ema, out, ks, tasks, all_groups, compile
         )
         if result is None:  # a rank other than 0: its share went to rank 0
             return
@@ -127,7 +131,19 @@ def _revote(path: Path, num_aug: int, tasks: list[str] | None, ks: tuple[int, ..
 
 
 def _run_model(
-    run, data, split, vote, num_aug, batch_size, device, ema, out, ks, tasks=None, all_groups=False
+    run,
+    data,
+    split,
+    vote,
+    num_aug,
+    batch_size,
+    device,
+    ema,
+    out,
+    ks,
+    tasks=None,
+    all_groups=False,
+    compile=False,
 ):
     """(EvalResult, output folder, which training groups were scored) of a checkpoint on its (or the
     given) dataset."""
@@ -166,6 +182,8 @@ def _run_model(
             f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
             f"visible to torch; use --device cpu or auto"
         )
+    if compile and device.type != "cuda":
+        raise EtrmError(f"--compile needs a CUDA device; this evaluation runs on {device.type}")
     try:
         result = evaluate(
             model.to(device),
@@ -181,6 +199,7 @@ def _run_model(
             task_ids=scored,
             progress=ctx is None or ctx.is_main,
             ctx=ctx,
+            compile=compile,
         )
     finally:
         if ctx is not None:

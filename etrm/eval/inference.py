@@ -28,13 +28,15 @@ def evaluate(
     ks: Sequence[int] = KS,
     task_ids: Sequence[str] | None = None,
     ctx: Any = None,
+    compile: bool = False,
 ) -> EvalResult | None:
     """Vote and score `model` on a split: first `num_aug` augmentations (0 = all); identity only without `vote`.
 
     `dataset` is an `ArcDataset` or its folder. Each batch starts from a fresh carry and
     runs all `halt_max_steps` ACT steps, so nothing carries over between batches or calls.
     With a `DistContext` of several processes every rank must call it; the batches are shared
-    out and rank 0 alone gets the result (the others None).
+    out and rank 0 alone gets the result (the others None). `compile` runs the ACT step through
+    torch.compile (worth it on CUDA, for a long evaluation).
     """
     predictions = predict(
         model,
@@ -48,6 +50,7 @@ def evaluate(
         step=step,
         task_ids=task_ids,
         ctx=ctx,
+        compile=compile,
     )
     return None if predictions is None else EvalResult(predictions, ks=ks)
 
@@ -65,6 +68,7 @@ def predict(
     step: int | None = None,
     task_ids: Sequence[str] | None = None,
     ctx: Any = None,
+    compile: bool = False,
 ) -> Predictions | None:
     """De-augmented predictions and q_halt logits for every (query, augmentation) of `split`
     (or of its puzzles `task_ids` alone).
@@ -77,7 +81,7 @@ def predict(
 
     from etrm.console import make_progress
     from etrm.data.dataset import ArcDataset
-    from etrm.data.episodes import EpisodeSampler
+    from etrm.data.episodes import EpisodeSampler, to_device
     from etrm.train.distributed import DistContext, gather_to_main
 
     if isinstance(dataset, (str, os.PathLike)):
@@ -100,18 +104,20 @@ def predict(
         num_aug=num_aug,
         rank=ctx.rank,
         world_size=ctx.world_size,
+        compact=True,
     )
     shard = ShardCollector(data, task_of_group)
     was_training = model.training
     model.eval()
+    step_fn = torch.compile(model) if compile else model
     try:
         with torch.inference_mode(), make_progress(transient=True) as bar:
             task = bar.add_task(f"eval {split}", total=len(sampler), info="", visible=progress)
             for batch in sampler:
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = to_device(batch, device)
                 carry = model.initial_carry(batch)
                 for _ in range(model.arch.halt_max_steps):
-                    carry, outputs = model(carry, batch)
+                    carry, outputs = step_fn(carry, batch)
                 shard.add(
                     outputs["logits"].argmax(-1).to(torch.uint8).cpu().numpy(),
                     outputs["q_halt_logits"].float().cpu().numpy(),

@@ -27,6 +27,7 @@ from etrm import __version__
 from etrm.config import RunConfig, apply_overrides, config_to_dict
 from etrm.console import err_console, make_progress
 from etrm.data.dataset import first_groups
+from etrm.data.episodes import to_device
 from etrm.errors import EtrmError
 from etrm.io import atomic_write_json
 from etrm.runs import checkpoint as ckpt_io
@@ -265,6 +266,7 @@ class Trainer:
             world_size=ctx.world_size,
             num_aug=cfg.data.num_aug_train,
             translate=cfg.data.translate,
+            compact=True,
         )
         self.steps_per_epoch = len(self.sampler)
         self.total_steps = t.epochs * self.steps_per_epoch
@@ -487,7 +489,7 @@ class Trainer:
         except StopIteration:
             self.batches = iter(self.sampler)
             batch = next(self.batches)
-        return {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
+        return to_device(batch, self.ctx.device, non_blocking=True)
 
     def _train_step(self) -> None:
         t = self.cfg.train
