@@ -88,7 +88,7 @@ def test_predictions_do_not_depend_on_the_order_or_split_of_shards(tmp_path, mon
     def built(shards):
         b = PredictionsBuilder(["p", "q"], targets, [2, 2], meta={"split": "test"})
         for s in shards:
-            b.add_batch(_shard(s, grids))
+            b.add_shard(_shard(s, grids))
         return b.build()
 
     reference = PredictionsBuilder(["p", "q"], targets, [2, 2], meta={"split": "test"})

@@ -136,7 +136,7 @@ def predict(
         meta={"split": split, "fewshot": bool(dataset.manifest.get("fewshot")), "step": step},
     )
     for part in shards:
-        builder.add_batch(part)
+        builder.add_shard(part)
     return builder.build()
 
 

@@ -258,7 +258,7 @@ class PredictionsBuilder:
             np.array([task]), np.array([query]), np.array([aug]), np.array([grid_id]), np.array([q_halt])
         )
 
-    def add_batch(self, shard: Shard) -> None:
+    def add_shard(self, shard: Shard) -> None:
         """Record a shard's predictions (one process's share of an evaluation), in any order."""
         table = shard.grids
         ids = np.array([self._grids.add(table.grid(i)) for i in range(len(table))] + [NO_GRID], np.int64)
