@@ -95,8 +95,8 @@ def eval_command(
         if run is None:
             raise EtrmError("missing RUN_OR_CHECKPOINT (or --from-predictions predictions.npz)")
         if nproc > 1 and world_size == 1:
+            from etrm.distributed import launch_torchrun
             from etrm.runs.checkpoint import resolve_checkpoint
-            from etrm.train.distributed import launch_torchrun
 
             resolve_checkpoint(run)  # a wrong path is one line here, not one per process
             args = ["eval", str(run), "--split", split, "--num-aug", str(num_aug)]
@@ -151,10 +151,10 @@ def _run_model(
 
     from etrm.console import err_console
     from etrm.data.dataset import ArcDataset
+    from etrm.distributed import init_distributed, shutdown
     from etrm.eval.inference import evaluate
     from etrm.eval.results import BY_EVAL_COMMAND
     from etrm.runs.checkpoint import choose_weights, describe_weights, load_for_inference, resolve_checkpoint
-    from etrm.train.distributed import init_distributed, shutdown
 
     checkpoint = resolve_checkpoint(run)
     model, cfg, step = load_for_inference(checkpoint, use_ema=ema)

@@ -82,7 +82,7 @@ def predict(
     from etrm.console import make_progress
     from etrm.data.dataset import ArcDataset
     from etrm.data.episodes import EpisodeSampler, to_device
-    from etrm.train.distributed import DistContext, gather_to_main
+    from etrm.distributed import DistContext, gather_to_main
 
     if isinstance(dataset, (str, os.PathLike)):
         dataset = ArcDataset.open(dataset)

@@ -82,7 +82,7 @@ def train_command(
             f"over the processes (choose a divisor of it, or change the batch)"
         )
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from etrm.train.distributed import launch_torchrun
+        from etrm.distributed import launch_torchrun
 
         args = ["train", "--size", size, "--out", str(out)]
         args += ["--preset", preset] if preset else []

@@ -28,11 +28,7 @@ from etrm.config import RunConfig, apply_overrides, config_to_dict
 from etrm.console import err_console, make_progress
 from etrm.data.dataset import first_groups
 from etrm.data.episodes import to_device
-from etrm.errors import EtrmError
-from etrm.io import atomic_write_json
-from etrm.runs import checkpoint as ckpt_io
-from etrm.runs.folder import RunLock, claim_run_folder
-from etrm.train.distributed import (
+from etrm.distributed import (
     DistContext,
     all_reduce_grads_,
     all_reduce_sum_,
@@ -43,6 +39,10 @@ from etrm.train.distributed import (
     init_distributed,
     shutdown,
 )
+from etrm.errors import EtrmError
+from etrm.io import atomic_write_json
+from etrm.runs import checkpoint as ckpt_io
+from etrm.runs.folder import RunLock, claim_run_folder
 from etrm.train.ema import EMA
 from etrm.train.metrics import MetricsLogger, check_wandb_login
 from etrm.train.optim import build_optimizer

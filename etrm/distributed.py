@@ -1,4 +1,4 @@
-"""torch.distributed glue: NCCL on GPU, gloo on CPU, detected from torchrun's environment.
+"""torch.distributed glue for training and evaluation: NCCL on GPU, gloo on CPU, from torchrun's environment.
 
 Every rank holds the same weights and optimizer state (gradients are summed before the
 step), so rank 0 alone writes files; per-rank state (ACT carry, sampler, RNG) is gathered
