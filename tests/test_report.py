@@ -217,3 +217,7 @@ def test_a_full_eval_of_a_step_replaces_the_training_figures_and_names_its_proto
     assert f"| vote@912 (eval/step-{last}/results.json) |" in text
     assert "| unknown, train identity (metrics.jsonl) |" in text
     assert "test EM 50.0% (vote@912)" in text
+    # B's slope runs over two training evaluations and the full one: the report warns of the mix.
+    assert b.slope_protocols == ("unknown", "vote@912") and a.slope_protocols == ("unknown",)
+    assert any(w.startswith("B: its test-EM slope mixes evaluation protocols") for w in report.warnings)
+    assert not any(w.startswith("A: its test-EM slope") for w in report.warnings)

@@ -87,6 +87,12 @@ def build_report(
     summaries = [summarize(r, h, a) for r, h, a in zip(runs, healths, acts, strict=True)]
     report = Report(title, runs, summaries, select_winner(summaries))
     report.warnings = [w for r in runs for w in r.warnings]
+    report.warnings += [
+        f"{s.name}: its test-EM slope mixes evaluation protocols ({', '.join(s.slope_protocols)}); "
+        "evaluate those checkpoints alike with `etrm eval` for a fair trend"
+        for s in summaries
+        if len(s.slope_protocols) > 1
+    ]
     results = {}
     for run in runs:
         latest = run.latest_results()

@@ -35,6 +35,7 @@ class RunSummary:
     protocol: str = ""  # how the last test EM was made (vote@N, identity) and from which file
     train_protocol: str = ""
     source: str = ""
+    slope_protocols: tuple[str, ...] = ()  # of the evaluations the slope is fitted to (one, unless mixed)
 
     @property
     def evaluated(self) -> bool:
@@ -88,4 +89,5 @@ def summarize(run: Run, health: GradHealth | None = None, act: ActStats | None =
         protocol=str(evals[-1].get("eval/protocol", "")) if evals else "",
         train_protocol=str(evals[-1].get("eval/train_protocol", "")) if evals else "",
         source=str(evals[-1].get("eval/source", "")) if evals else "",
+        slope_protocols=tuple(sorted({str(r.get("eval/protocol", "")) for r in recent})),
     )
