@@ -82,7 +82,8 @@ def bench_sampler(
     extras = ", ".join(f"{k}={v}" for k, v in kwargs.items())
     return {
         "benchmark": f"sampler {mode} ({split} split{', ' + extras if extras else ''})",
-        "size": f"{batches} batches of {batch_size}, max_demos 10, int64 tensors",
+        "size": f"{batches} batches of {batch_size}, max_demos 10, "
+        f"{'uint8' if kwargs.get('compact') else 'int64'} tensors",
         "wall": f"{episodes / wall:,.0f} episodes/s",
         "cpu": f"{episodes / cpu:,.0f} episodes/CPU-s",
         "goal": ">= 20,000 episodes/s",
@@ -104,6 +105,11 @@ def main() -> None:
         rows.append(bench_sampler(dataset, "train", "train", args.batch_size, args.batches))
         rows.append(bench_sampler(dataset, "train", "train", args.batch_size, args.batches, translate=True))
         rows.append(bench_sampler(dataset, "test", "eval", args.batch_size, args.batches))
+        # As training and evaluation sample: uint8 tokens, widened on the device.
+        for split, mode, extra in (("train", "train", {"translate": True}), ("test", "eval", {})):
+            rows.append(
+                bench_sampler(dataset, split, mode, args.batch_size, args.batches, compact=True, **extra)
+            )
     stamp = utc_stamp()
     description = machine()
     for row in rows:

@@ -453,7 +453,6 @@ def _encoder_run(
         ("train.global_batch_size", batch, batch_source),
         ("train.grad_clip", 1.0, OURS),
         ("train.encoder_lr_scale", 1.0, OURS),
-        ("train.eval_num_aug", 8, OURS),
         ("logging.project", project, DESIGN),
         ("logging.run_name", f"{name}_{_SHORT_ENCODER[encoder]}_explore{explore}", DESIGN),
     )
@@ -467,6 +466,7 @@ def _overfit(name: str, encoder: str, layers: int, explore: float, kl: float = 0
         ("data.max_train_groups", 32, DESIGN),
         ("train.epochs", 3000, OURS),
         ("train.eval_interval", 500, OURS),
+        ("train.eval_num_aug", 8, OURS),
         ("train.lr_warmup_steps", 200, OURS),
         ("train.lr_min_ratio", 1.0, OURS),
     )
@@ -479,6 +479,8 @@ def _semi_final(
         *_encoder_run(name, "etrm-semi-final", encoder, layers, explore, batch, DESIGN, kl),
         ("train.epochs", 1000, DESIGN),
         ("train.eval_interval", 200, DESIGN),
+        # The design's protocol: every stored augmentation voted at each evaluation point.
+        ("train.eval_num_aug", 0, DESIGN),
         ("train.lr_warmup_steps", 500, OURS),
         # The design anneals with cosine (its risk section) without a floor: ours is a tenth of the LR.
         ("train.lr_min_ratio", 0.1, OURS),

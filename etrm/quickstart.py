@@ -167,7 +167,7 @@ def train_and_evaluate(
     epoch = float(load_trainer_state(resolve_checkpoint(run_dir))["epoch"])
     logger = MetricsLogger(run_dir, cfg)
     row: dict[str, Any] = {"step": step, "epoch": epoch}
-    row.update({f"eval/{k}": v for k, v in result.metrics.items() if k != "num_queries"})
+    row.update(result.metrics_row())
     row["eval/results"] = str((eval_dir / "results.json").relative_to(run_dir))
     logger.log(row)
     logger.close()

@@ -12,7 +12,7 @@ from etrm.data.augment import (
     augment_grid,
     invert_grid,
     sample_augmentations,
-    translate_canvases,
+    transformed_shapes,
 )
 from etrm.data.encoding import encode_grid
 
@@ -87,12 +87,39 @@ def test_canvas_tables_equal_encoding_the_transformed_grid(shape):
 
 def test_translation_shifts_grid_with_its_eos():
     grid = np.array([[1, 2], [3, 4]])
-    shifted = translate_canvases(encode_grid(grid)[None], np.array([[5, 27]]))[0].reshape(30, 30)
+    out = np.full((1, 900), 7, np.uint8)  # stale tokens: the row is drawn afresh
+    bank = CanvasBank(encode_grid(grid)[None], np.array([grid.shape]))
+    bank.render_into(out, np.array([0]), np.array([0]), np.arange(10)[None], np.array([[5, 27]]))
     expected = np.zeros((30, 30), np.uint8)
     expected[5:7, 27:29] = grid + 2
     expected[7, 27:29] = 1
-    expected[5:7, 29] = 1
-    np.testing.assert_array_equal(shifted, expected)
+    expected[5:7, 29] = 1  # the EOS column past the canvas edge is dropped with nothing else
+    np.testing.assert_array_equal(out[0].reshape(30, 30), expected)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint8])
+def test_translated_rendering_equals_shifting_each_augmented_canvas(dtype):
+    rng = np.random.default_rng(5)
+    grids = [rng.integers(0, 10, size=rng.integers(1, 31, size=2)) for _ in range(40)]
+    shapes = np.array([g.shape for g in grids])
+    bank = CanvasBank(np.stack([encode_grid(g) for g in grids]), shapes)
+    n = 150
+    bank_rows = rng.integers(0, 8 * len(grids), n)
+    colors = np.stack([rng.permutation(10) for _ in range(n)]).astype(np.uint8)
+    room = 30 - transformed_shapes(shapes[bank_rows // 8], bank_rows % 8) + 1
+    offsets = (rng.random((n, 2)) * room).astype(np.int64)
+    dest = np.sort(rng.choice(300, n, replace=False))
+    out = rng.integers(0, 12, (300, 900)).astype(dtype)
+    expected = out.copy()
+    bank.render_into(out, dest, bank_rows, colors, offsets)
+    for i in range(n):  # reference: augment the grid, encode it, shift the canvas by slicing
+        grid = grids[bank_rows[i] // 8]
+        canvas = encode_grid(augment_grid(grid, bank_rows[i] % 8, colors[i])).reshape(30, 30)
+        dr, dc = offsets[i]
+        shifted = np.zeros((30, 30), dtype)
+        shifted[dr:, dc:] = canvas[: 30 - dr, : 30 - dc]
+        expected[dest[i]] = shifted.reshape(-1)
+    np.testing.assert_array_equal(out, expected)
 
 
 def brute_force_distinct(grids, dihedral, colors):

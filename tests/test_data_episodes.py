@@ -7,7 +7,7 @@ import torch
 from etrm.data.build import BuildOptions, build_dataset
 from etrm.data.dataset import ArcDataset
 from etrm.data.encoding import IGNORE_LABEL_ID, decode_grid, encode_grid, labels_from_tokens
-from etrm.data.episodes import EpisodeSampler
+from etrm.data.episodes import EpisodeSampler, to_device
 from etrm.errors import EtrmError
 
 
@@ -182,6 +182,22 @@ def test_translation_keeps_pairs_on_canvas(dataset):
     # evaluation never translates
     batch = next(iter(EpisodeSampler(dataset.split("test"), 4, "eval", translate=True)))
     assert all(decode_grid(row.numpy()) is not None for row in batch["inputs"])
+
+
+@pytest.mark.parametrize(("split", "mode", "translate"), [("train", "train", True), ("test", "eval", False)])
+def test_compact_batches_widened_on_the_device_equal_int64_batches(dataset, split, mode, translate):
+    kwargs = dict(batch_size=8, mode=mode, translate=translate, seed=3, max_demos=2)
+    wide = list(EpisodeSampler(dataset.split(split), **kwargs))
+    compact = list(EpisodeSampler(dataset.split(split), compact=True, **kwargs))
+    assert len(wide) == len(compact) > 1
+    assert compact[0]["inputs"].dtype == torch.uint8 and (compact[0]["labels"] == 0).any()
+    for a, b in zip(wide, compact, strict=True):
+        b = to_device(b, "cpu")
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].dtype == b[key].dtype, key
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert (to_device(compact[0], "cpu")["labels"] == IGNORE_LABEL_ID).any()
 
 
 def test_bad_arguments(dataset):

@@ -190,3 +190,54 @@ def test_report_shows_each_runs_decoder_and_marks_runs_that_are_not_few_shot(tmp
         "SFb is not few-shot (decoder foreign): its weights saw test puzzles or data of unknown origin"
     ]
     assert "foreign (NOT few-shot)" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_full_eval_of_a_step_replaces_the_training_figures_and_names_its_protocol(tmp_path):
+    from etrm.diagnose.runs import load_run
+    from etrm.report.summary import summarize
+
+    root = tmp_path / "runs"
+    make_run(root, "A", test_em=[0.1, 0.2, 0.30], params=7_000_000, results=grid_results({}))
+    make_run(root, "B", test_em=[0.1, 0.2, 0.28], params=6_000_000)
+    last = load_run(root / "B").eval_rows[-1]["step"]
+
+    def write(run, folder, evaluated_by, metrics, protocol):
+        results = {"split": "test", "num_aug": 912, "protocol": protocol, "evaluated_by": evaluated_by}
+        (root / run / "eval" / folder).mkdir(parents=True, exist_ok=True)
+        (root / run / "eval" / folder / "results.json").write_text(
+            json.dumps({**results, "metrics": metrics})
+        )
+
+    # B's last checkpoint was evaluated in full, test and train; A's file is training's own (its row stays).
+    write("B", f"step-{last}", "etrm eval", {"pass@1": 0.5, "pass@2": 0.6, "num_puzzles": 400}, "vote@912")
+    write("B", f"step-{last}-train", "etrm eval", {"pass@1": 0.7, "train_em": 0.7}, "vote@912")
+    write("A", f"step-{last}", "training", {"pass@1": 0.9, "pass@2": 0.9}, "vote@8")
+    b, a = summarize(load_run(root / "B")), summarize(load_run(root / "A"))
+    assert (b.test_em, b.test_pass2, b.train_em, b.gap) == (0.5, 0.6, 0.7, pytest.approx(0.2))
+    assert (b.protocol, b.train_protocol, b.source) == (
+        "vote@912",
+        "vote@912",
+        f"eval/step-{last}/results.json",
+    )
+    assert (a.test_em, a.protocol, a.train_protocol, a.source) == (
+        0.30,
+        "unknown",
+        "identity",
+        "metrics.jsonl",
+    )
+
+    report = build_report([root / "A", root / "B"], tmp_path / "out")
+    assert report.selection.winner == "B"
+    assert report.selection.notes == [
+        "test EM compared across evaluation protocols: A unknown, B vote@912; "
+        "evaluate the runs alike (`etrm eval RUN/step-N`) for a fair comparison"
+    ]
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "**Note:** test EM compared across evaluation protocols" in text
+    assert f"| vote@912 (eval/step-{last}/results.json) |" in text
+    assert "| unknown, train identity (metrics.jsonl) |" in text
+    assert "test EM 50.0% (vote@912)" in text
+    # B's slope runs over two training evaluations and the full one: the report warns of the mix.
+    assert b.slope_protocols == ("unknown", "vote@912") and a.slope_protocols == ("unknown",)
+    assert any(w.startswith("B: its test-EM slope mixes evaluation protocols") for w in report.warnings)
+    assert not any(w.startswith("A: its test-EM slope") for w in report.warnings)

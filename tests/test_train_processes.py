@@ -6,12 +6,14 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from train_helpers import build_tiny_dataset, tiny_config
 
 from etrm.cli import main
 from etrm.config import config_to_dict
+from etrm.eval.predictions import Predictions
 from etrm.runs.checkpoint import load_weights
 from etrm.train.loop import train
 from etrm.train.metrics import read_metrics
@@ -28,7 +30,15 @@ def _env():
 
 def test_torchrun_two_ranks_match_one_process(data, tmp_path):
     # Deterministic encoder and no exploration: the only difference left is where rows are summed.
-    cfg = tiny_config("SF1", data, "arch.halt_exploration_prob=0", "train.max_steps=3")
+    # One epoch is 4 steps: the evaluation at step 4 is shared out over the two processes.
+    cfg = tiny_config(
+        "SF1",
+        data,
+        "arch.halt_exploration_prob=0",
+        "train.max_steps=4",
+        "train.eval_interval=1",
+        "train.eval_num_aug=2",
+    )
     config_file = tmp_path / "cfg.json"
     config_file.write_text(json.dumps(config_to_dict(cfg)))
     cmd = [
@@ -47,19 +57,30 @@ def test_torchrun_two_ranks_match_one_process(data, tmp_path):
 
     assert json.loads((tmp_path / "two" / "run_info.json").read_text())["world_size"] == 2
     a, b = (
-        load_weights(one / "step-3" / "model.safetensors"),
-        load_weights(tmp_path / "two" / "step-3" / "model.safetensors"),
+        load_weights(one / "step-4" / "model.safetensors"),
+        load_weights(tmp_path / "two" / "step-4" / "model.safetensors"),
     )
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
-    moved = sum((a[k] - load_weights(one / "step-3" / "ema.safetensors")[k]).abs().sum() for k in a)
+    moved = sum((a[k] - load_weights(one / "step-4" / "ema.safetensors")[k]).abs().sum() for k in a)
     assert moved > 0  # the weights did train (EMA lags behind them)
     rows_one, rows_two = read_metrics(one), read_metrics(tmp_path / "two")
-    assert [r["step"] for r in rows_two] == [1, 2, 3]  # rank 0 alone writes
-    for r1, r2 in zip(rows_one, rows_two, strict=True):
+    assert [r["step"] for r in rows_two] == [1, 2, 3, 4, 4]  # rank 0 alone writes; the last is the evaluation
+    for r1, r2 in zip(rows_one[:4], rows_two[:4], strict=True):
         for k in ("train/lm_loss", "train/q_halt_loss", "grad/total_norm", "grad/encoder_norm"):
             assert r2[k] == pytest.approx(r1[k], rel=1e-4), k
+    eval_one, eval_two = rows_one[4], rows_two[4]
+    assert eval_two["eval/protocol"] == eval_two["eval/train_protocol"] == "vote@2"
+    assert eval_two.keys() == eval_one.keys()
+    for k, v in eval_one.items():
+        assert eval_two[k] == (pytest.approx(v, rel=1e-4) if isinstance(v, float) else v), k
+    # The same votes: the predictions of the two runs' (near-equal) weights agree grid for grid.
+    p1, p2 = (
+        Predictions.load(run / "eval" / "step-4" / "predictions.npz") for run in (one, tmp_path / "two")
+    )
+    np.testing.assert_array_equal(p1.grid_ids, p2.grid_ids)
+    assert p1.grid_ids.shape == (2, 2)
     # Resuming a 2-process run in one process is refused with the count to use.
     proc = subprocess.run(
         [
@@ -70,7 +91,7 @@ def test_torchrun_two_ranks_match_one_process(data, tmp_path):
             "--resume",
             str(tmp_path / "two"),
             "--set",
-            "train.max_steps=4",
+            "train.max_steps=5",
         ],
         capture_output=True,
         text=True,
@@ -192,3 +213,61 @@ def test_presets_listing(capsys):
     )
     assert rows["SF2"]["sources"]["train.lr_min_ratio"] == {"value": 0.1, "source": "our choice"}
     assert "budget" in rows["SF2"]  # null until data/arc-agi-1 is built
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_nodes(*etrm_args):
+    """`etrm ARGS` under torchrun as two "machines" of one process each, meeting by c10d rendezvous."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+    cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "etrm-test"]
+    nodes = [
+        subprocess.Popen(
+            [*cmd, "-m", "etrm", *etrm_args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err[-3000:]
+    return [out for out, _ in outputs]
+
+
+def test_two_nodes_by_c10d_rendezvous_train_and_evaluate(data, tmp_path):
+    cfg = tiny_config("SF1", data, "train.max_steps=4", "train.eval_interval=1", "train.eval_num_aug=2")
+    config_file = tmp_path / "cfg.json"
+    config_file.write_text(json.dumps(config_to_dict(cfg)))
+    run = tmp_path / "run"
+    outputs = _two_nodes("train", "--config", str(config_file), "--out", str(run))
+    assert sum("trained SF1" in out for out in outputs) == 1  # global rank 0 alone reports and writes
+    assert json.loads((run / "run_info.json").read_text())["world_size"] == 2
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 4]
+    assert read_metrics(run)[-1]["eval/protocol"] == "vote@2"
+    # Evaluating the checkpoint over the two nodes writes what one process writes.
+    _two_nodes("eval", str(run), "--batch-size", "2", "--out", str(tmp_path / "two"))
+    one_process = [
+        sys.executable,
+        "-m",
+        "etrm",
+        "eval",
+        str(run),
+        "--batch-size",
+        "2",
+        "--out",
+        str(tmp_path / "one"),
+    ]
+    proc = subprocess.run(one_process, capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (tmp_path / name / "predictions.npz" for name in ("one", "two"))
+    assert one.read_bytes() == two.read_bytes()

@@ -62,6 +62,23 @@ def invert_grid(grid: np.ndarray, dihedral: int, colors: np.ndarray) -> np.ndarr
     return apply_dihedral(inverse_colors[np.asarray(grid)], int(DIHEDRAL_INVERSE[int(dihedral)]))
 
 
+def invert_grids(
+    colours: np.ndarray, shapes: np.ndarray, dihedral: np.ndarray, colors: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """invert_grid over a batch, without a Python loop: grids [n, 30, 30] at the top-left (0
+    outside), their shapes [n, 2] ((0, 0): no grid), each row's dihedral [n] and colour map [n, 10].
+    Returns the grids and shapes in the original frame, laid out the same way."""
+    n = len(colours)
+    inverse_colors = np.argsort(np.asarray(colors), axis=1).astype(np.uint8)
+    recoloured = np.take_along_axis(inverse_colors, colours.reshape(n, SEQ_LEN).astype(np.int64), axis=1)
+    extended = np.concatenate([recoloured, np.zeros((n, 2), np.uint8)], axis=1)  # PAD and EOS slots: 0
+    inverse = DIHEDRAL_INVERSE[np.asarray(dihedral, dtype=np.int64)].astype(np.int64)
+    shapes = np.asarray(shapes, dtype=np.int64)
+    index = dihedral_index_tables()[inverse, shapes[:, 0], shapes[:, 1]].astype(np.int64)
+    moved = np.take_along_axis(extended, index, axis=1)
+    return moved.reshape(n, CANVAS, CANVAS), transformed_shapes(shapes, inverse)
+
+
 @functools.cache
 def dihedral_index_tables() -> np.ndarray:
     """tables[d, h, w] [900]: for each output canvas cell, its source in an extended input canvas.
@@ -83,19 +100,6 @@ def dihedral_index_tables() -> np.ndarray:
                     table[out_h, :out_w] = EOS_SLOT
                 if out_w < CANVAS:
                     table[:out_h, out_w] = EOS_SLOT
-    tables.setflags(write=False)
-    return tables
-
-
-@functools.cache
-def translation_tables() -> np.ndarray:
-    """tables[r, c] [900]: source cell of an untranslated canvas shifted down r and right c (PAD_SLOT if none)."""
-    rows, cols = np.divmod(np.arange(SEQ_LEN), CANVAS)
-    tables = np.full((CANVAS, CANVAS, SEQ_LEN), PAD_SLOT, dtype=np.int16)
-    for dr in range(CANVAS):
-        for dc in range(CANVAS):
-            inside = (rows >= dr) & (cols >= dc)
-            tables[dr, dc, inside] = (rows[inside] - dr) * CANVAS + (cols[inside] - dc)
     tables.setflags(write=False)
     return tables
 
@@ -132,6 +136,10 @@ class CanvasBank:
         bank_row, position = np.nonzero(is_colour)
         self.cell_positions = position.astype(np.int16)
         self.cell_colours = self.canvases[bank_row, position] - COLOR_OFFSET  # uint8
+        # EOS cells likewise: a translated canvas is drawn cell by cell rather than gathered whole.
+        is_eos = self.canvases == EOS_TOKEN
+        self.eos_offsets = np.concatenate([[0], np.cumsum(is_eos.sum(axis=1))])
+        self.eos_positions = np.nonzero(is_eos)[1].astype(np.int16)
 
     def render_into(
         self,
@@ -141,22 +149,25 @@ class CanvasBank:
         colors: np.ndarray,
         offsets: np.ndarray | None = None,
     ) -> None:
-        """out[dest_rows] = augmented tokens. out: C-contiguous int64 [*, 900]; dest_rows [m] increasing;
+        """out[dest_rows] = augmented tokens. out: C-contiguous int64 or uint8 [*, 900]; dest_rows [m] increasing;
         bank_rows [m] pick (grid, dihedral); colors [m, 10] the colour permutations; offsets [m, 2] an
         optional translation (row, column). Rows of out not named are left untouched."""
-        canvases = self.canvases[bank_rows]
-        if offsets is not None:
-            canvases = translate_canvases(canvases, offsets)
-        # Copy runs of consecutive destination rows as slices (a casting fancy-index store is slow).
+        # Copy runs of consecutive destination rows as slices (a casting fancy-index store is slow);
+        # a translated row starts empty and gets its EOS cells moved (those pushed off the canvas dropped).
         run_starts = np.flatnonzero(np.diff(dest_rows, prepend=-2) != 1)
         run_ends = np.append(run_starts[1:], len(dest_rows))
         for start, end in zip(run_starts.tolist(), run_ends.tolist(), strict=True):
             first = int(dest_rows[start])
-            out[first : first + end - start] = canvases[start:end]
-        starts = self.cell_offsets[bank_rows]
-        counts = self.cell_offsets[bank_rows + 1] - starts
-        owner = np.repeat(np.arange(len(bank_rows)), counts)
-        cell = np.arange(int(counts.sum())) + np.repeat(starts - (np.cumsum(counts) - counts), counts)
+            out[first : first + end - start] = (
+                self.canvases[bank_rows[start:end]] if offsets is None else PAD_TOKEN
+            )
+        if offsets is not None:
+            owner, cell = _cells_of(self.eos_offsets, bank_rows)
+            row, col = np.divmod(self.eos_positions[cell].astype(np.int64), CANVAS)
+            row, col = row + offsets[owner, 0], col + offsets[owner, 1]
+            inside = (row < CANVAS) & (col < CANVAS)
+            out.reshape(-1)[(dest_rows[owner] * SEQ_LEN + row * CANVAS + col)[inside]] = EOS_TOKEN
+        owner, cell = _cells_of(self.cell_offsets, bank_rows)
         position = dest_rows[owner] * SEQ_LEN + self.cell_positions[cell]
         if offsets is not None:
             position += (offsets[:, 0] * CANVAS + offsets[:, 1])[owner]
@@ -165,11 +176,13 @@ class CanvasBank:
         )
 
 
-def translate_canvases(canvases: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Shift canvases [n, 900] down/right by offsets [n, 2], filling with PAD (TRM's translation)."""
-    padded = np.concatenate([canvases, np.full((len(canvases), 1), PAD_TOKEN, canvases.dtype)], axis=1)
-    shift = translation_tables()[offsets[:, 0], offsets[:, 1]]
-    return np.take_along_axis(padded, shift.astype(np.intp), axis=1)
+def _cells_of(offsets: np.ndarray, bank_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(which of `bank_rows` owns each cell, the cell's index) of the ragged cell lists `offsets` cuts."""
+    starts = offsets[bank_rows]
+    counts = offsets[bank_rows + 1] - starts
+    owner = np.repeat(np.arange(len(bank_rows)), counts)
+    cell = np.arange(int(counts.sum())) + np.repeat(starts - (np.cumsum(counts) - counts), counts)
+    return owner, cell
 
 
 def check_seed(seed: int) -> None:

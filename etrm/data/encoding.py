@@ -63,3 +63,26 @@ def decode_grid(tokens: np.ndarray) -> np.ndarray | None:
     if area[best] == 0:
         return None
     return canvas[: best + 1, : width[best]].astype(np.int64) - COLOR_OFFSET
+
+
+def decode_grids(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """decode_grid over a batch of canvases [n, 900], without a Python loop.
+
+    Returns (colours [n, 30, 30] uint8, 0 outside each grid; shapes [n, 2] int64, (0, 0) where
+    decode_grid finds no grid).
+    """
+    canvas = np.asarray(tokens).reshape(-1, CANVAS, CANVAS)
+    is_color = (canvas >= COLOR_OFFSET) & (canvas < VOCAB_SIZE)
+    run = np.where(is_color.all(axis=2), CANVAS, np.argmin(is_color, axis=2))
+    width = np.minimum.accumulate(run, axis=1)
+    area = width * np.arange(1, CANVAS + 1)
+    best = np.argmax(area, axis=1)
+    rows = np.arange(len(canvas))
+    found = area[rows, best] > 0
+    shapes = np.stack([np.where(found, best + 1, 0), np.where(found, width[rows, best], 0)], axis=1)
+    cells = np.arange(CANVAS)
+    inside = (cells[None, :, None] < shapes[:, 0, None, None]) & (
+        cells[None, None, :] < shapes[:, 1, None, None]
+    )
+    colours = np.where(inside, canvas.astype(np.int16) - COLOR_OFFSET, 0).astype(np.uint8)
+    return colours, shapes.astype(np.int64)

@@ -31,7 +31,9 @@ class EpisodeSampler:
     batch_size is the number of rows this rank yields per batch; the global batch is
     batch_size * world_size. num_aug limits the augmentations used per puzzle to the
     first num_aug stored (0 = all). translate (TRM's random canvas offset per pair)
-    applies in train mode only. Demos beyond max_demos are dropped (the first ones are
+    applies in train mode only. compact batches hold tokens as uint8, labels with PAD
+    where the loss ignores a cell: `to_device` casts them on the device (an eighth of the
+    bytes to write and to copy). Demos beyond max_demos are dropped (the first ones are
     kept) and missing ones masked. A train epoch visits every (puzzle, query pair) once,
     each under a random augmentation; its last batch is completed from the start of the
     epoch's order. An eval epoch enumerates every (puzzle, query, augmentation) once in a
@@ -49,6 +51,7 @@ class EpisodeSampler:
         world_size: int = 1,
         num_aug: int = 0,
         translate: bool = False,
+        compact: bool = False,
     ):
         if mode not in MODES:
             raise EtrmError(f"episode mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -70,7 +73,8 @@ class EpisodeSampler:
         self.position = 0  # batches of the current epoch already yielded
 
         self._bank = CanvasBank(split.tokens, split.shapes)
-        self._buffers = _BufferPool()
+        self.compact = compact
+        self._buffers = _BufferPool(np.uint8 if compact else np.int64)
         self._plan_epoch = None
         stored_augs = np.diff(split.aug_offsets)
         self._augs_per_group = np.minimum(stored_augs, num_aug) if num_aug else stored_augs
@@ -186,8 +190,9 @@ class EpisodeSampler:
             self._bank.render_into(
                 buffer, dest, (2 * pairs + side) * NUM_DIHEDRAL + dihedral, colors, offsets
             )
-        labels = outputs[:n]
-        np.putmask(labels, labels == PAD_TOKEN, IGNORE_LABEL_ID)
+        if not self.compact:
+            labels = outputs[:n]
+            np.putmask(labels, labels == PAD_TOKEN, IGNORE_LABEL_ID)
         inputs, outputs = torch.from_numpy(inputs), torch.from_numpy(outputs)
         return {
             "inputs": inputs[:n],
@@ -213,6 +218,22 @@ class EpisodeSampler:
         return (rng.random((len(pairs), 2)) * room).astype(np.int64)
 
 
+TOKEN_KEYS = ("inputs", "labels", "demo_inputs", "demo_outputs")
+
+
+def to_device(batch: dict, device, non_blocking: bool = False) -> dict:
+    """A batch on `device` as the model takes it: a compact batch's uint8 tokens are widened to
+    int64 there, after the copy, and its labels' PAD cells become IGNORE_LABEL_ID."""
+    import torch
+
+    out = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
+    if out["inputs"].dtype == torch.uint8:
+        for key in TOKEN_KEYS:
+            out[key] = out[key].long()
+        out["labels"] = out["labels"].masked_fill(out["labels"] == PAD_TOKEN, IGNORE_LABEL_ID)
+    return out
+
+
 class _BufferPool:
     """Token buffers handed out again once no tensor uses them any more.
 
@@ -223,12 +244,12 @@ class _BufferPool:
     buffer is allocated.
     """
 
-    def __init__(self, capacity: int = 4):
-        self.capacity = capacity
+    def __init__(self, dtype, capacity: int = 4):
+        self.dtype, self.capacity = dtype, capacity
         self._entries: list[list] = []  # [buffer, rows written into it last time]
 
     def take(self, rows: int, dest: np.ndarray) -> np.ndarray:
-        """An int64 [rows, 900] buffer, zero outside `dest` (rows the caller overwrites)."""
+        """A [rows, 900] token buffer, zero outside `dest` (rows the caller overwrites)."""
         for entry in self._entries:
             # References: the entry's list slot and getrefcount's argument.
             if entry[0].shape[0] == rows and sys.getrefcount(entry[0]) == 2:
@@ -237,7 +258,7 @@ class _BufferPool:
                 buffer[stale] = 0
                 entry[1] = dest
                 return buffer
-        buffer = np.zeros((rows, SEQ_LEN), np.int64)
+        buffer = np.zeros((rows, SEQ_LEN), self.dtype)
         if len(self._entries) < self.capacity:
             self._entries.append([buffer, dest])
         return buffer

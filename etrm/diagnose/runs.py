@@ -100,6 +100,41 @@ def _read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
+def best_evidence(path: Path, row: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation row with the figures of a full `etrm eval` of its checkpoint in place of the
+    training's where one was written (eval/step-N/, eval/step-N-train/), and with the protocol
+    (`vote@N`, `identity`) and source file of the test and train figures."""
+    from etrm.eval.results import BY_EVAL_COMMAND, protocol_name
+
+    row = dict(row)
+    if "eval/protocol" not in row:  # logged before rows named it: the run's configured vote
+        num_aug = config.get("train", {}).get("eval_num_aug")
+        row["eval/protocol"] = protocol_name(num_aug) if num_aug else "vote@all"
+        if num_aug is None:
+            row["eval/protocol"] = "unknown"
+    row["eval/source"] = METRICS_FILE
+    if "eval/train_em" in row:
+        row.setdefault("eval/train_protocol", "identity")  # training's train EM was unvoted then
+        row["eval/train_source"] = METRICS_FILE
+    for side, suffix in (("", ""), ("train_", "-train")):
+        relative = f"eval/step-{row['step']}{suffix}/{RESULTS_FILE}"
+        if not (path / relative).is_file():
+            continue
+        results = _read_json(path / relative)
+        metrics = results.get("metrics")
+        if results.get("evaluated_by") != BY_EVAL_COMMAND or not isinstance(metrics, dict):
+            continue
+        protocol = results.get("protocol") or protocol_name(int(results.get("num_aug") or 1))
+        if side:
+            if "train_em" in metrics:
+                row["eval/train_em"] = metrics["train_em"]
+                row["eval/train_protocol"], row["eval/train_source"] = protocol, relative
+        else:
+            row.update({f"eval/{k}": v for k, v in metrics.items() if k != "num_queries"})
+            row["eval/protocol"], row["eval/source"], row["eval/results"] = protocol, relative, relative
+    return row
+
+
 def _is_eval_row(row: dict[str, Any]) -> bool:
     return any(key.startswith("eval/") for key in row)
 
@@ -140,7 +175,9 @@ def load_run(path: str | os.PathLike) -> Run:
         config=loaded[CONFIG_FILE],
         info=info,
         train_rows=[r for r in rows if "event" not in r and not _is_eval_row(r)],
-        eval_rows=[r for r in rows if "event" not in r and _is_eval_row(r)],
+        eval_rows=[
+            best_evidence(path, r, loaded[CONFIG_FILE]) for r in rows if "event" not in r and _is_eval_row(r)
+        ],
         events=[r for r in rows if "event" in r],
         warnings=warnings,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -56,6 +57,12 @@ def eval_command(
         None, "--k", help="pass@k values (repeatable) (default: 1 2 5 10 100 1000)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    nproc: int = typer.Option(
+        1, "--nproc", help="Processes on this machine sharing the work (launches torchrun); rank 0 writes."
+    ),
+    compile: bool = typer.Option(
+        False, "--compile", help="torch.compile the ACT step (CUDA only; pays off on long evaluations)."
+    ),
 ) -> None:
     """Vote over augmented predictions and score pass@k; write results.json, predictions.npz and submissions."""
     from etrm.eval.results import EVAL_OUTPUT
@@ -69,6 +76,14 @@ def eval_command(
         raise EtrmError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     if all_groups and (split != "train" or tasks or from_predictions is not None):
         raise EtrmError("--all-groups goes with --split train on a run, without --task")
+    if nproc < 1:
+        raise EtrmError(f"--nproc must be ≥ 1, got {nproc}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if (nproc > 1 or world_size > 1) and (from_predictions is not None or device != "auto"):
+        raise EtrmError(
+            "--nproc and torchrun share out a model run: drop --from-predictions, and --device "
+            "(each process takes the GPU of its LOCAL_RANK, or the CPU)"
+        )
     ks = tuple(ks) if ks else KS
     if out is not None:
         check_replaceable(out, EVAL_OUTPUT)
@@ -79,9 +94,27 @@ def eval_command(
     else:
         if run is None:
             raise EtrmError("missing RUN_OR_CHECKPOINT (or --from-predictions predictions.npz)")
+        if nproc > 1 and world_size == 1:
+            from etrm.distributed import launch_torchrun
+            from etrm.runs.checkpoint import resolve_checkpoint
+
+            resolve_checkpoint(run)  # a wrong path is one line here, not one per process
+            args = ["eval", str(run), "--split", split, "--num-aug", str(num_aug)]
+            args += ["--batch-size", str(batch_size), "--vote" if vote else "--no-vote"]
+            args += ["--ema" if ema else "--no-ema"] + (["--all-groups"] if all_groups else [])
+            args += ["--json"] if as_json else []
+            args += ["--compile"] if compile else []
+            for flag, value in (("--data", data), ("--out", out)):
+                args += [flag, str(value)] if value is not None else []
+            for flag, values in (("--task", tasks or []), ("--k", list(ks) if ks != KS else [])):
+                for value in values:
+                    args += [flag, str(value)]
+            raise typer.Exit(launch_torchrun(nproc, args))
         result, out, scope = _run_model(
-            run, data, split, vote, num_aug, batch_size, device, ema, out, ks, tasks, all_groups
+            run, data, split, vote, num_aug, batch_size, device, ema, out, ks, tasks, all_groups, compile
         )
+        if result is None:  # a rank other than 0: its share went to rank 0
+            return
     if out is not None:
         result.write(out)
     _show(result, out, as_json)
@@ -98,7 +131,19 @@ def _revote(path: Path, num_aug: int, tasks: list[str] | None, ks: tuple[int, ..
 
 
 def _run_model(
-    run, data, split, vote, num_aug, batch_size, device, ema, out, ks, tasks=None, all_groups=False
+    run,
+    data,
+    split,
+    vote,
+    num_aug,
+    batch_size,
+    device,
+    ema,
+    out,
+    ks,
+    tasks=None,
+    all_groups=False,
+    compile=False,
 ):
     """(EvalResult, output folder, which training groups were scored) of a checkpoint on its (or the
     given) dataset."""
@@ -106,19 +151,27 @@ def _run_model(
 
     from etrm.console import err_console
     from etrm.data.dataset import ArcDataset
+    from etrm.distributed import init_distributed, shutdown
     from etrm.eval.inference import evaluate
+    from etrm.eval.results import BY_EVAL_COMMAND
     from etrm.runs.checkpoint import choose_weights, describe_weights, load_for_inference, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(run)
     model, cfg, step = load_for_inference(checkpoint, use_ema=ema)
-    err_console.print(f"evaluating the {describe_weights(choose_weights(checkpoint, ema))}", soft_wrap=True)
+    ctx = init_distributed() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    if ctx is None or ctx.is_main:
+        err_console.print(
+            f"evaluating the {describe_weights(choose_weights(checkpoint, ema))}", soft_wrap=True
+        )
     data = data if data is not None else Path(cfg.data.path)
     if not data.is_dir():
         raise EtrmError(f"dataset folder {data} not found (set --data)")
     scored, scope = tasks, ""
     if split == "train" and not tasks:
         scored, scope = _training_groups(ArcDataset.open(data), cfg.data.max_train_groups, all_groups)
-    if device == "auto":
+    if ctx is not None:
+        device = ctx.device
+    elif device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(device)
@@ -129,19 +182,31 @@ def _run_model(
             f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
             f"visible to torch; use --device cpu or auto"
         )
-    result = evaluate(
-        model.to(device),
-        data,
-        split,
-        num_aug=num_aug,
-        batch_size=batch_size,
-        device=device,
-        max_demos=cfg.data.max_demos,
-        vote=vote,
-        step=step,
-        ks=ks,
-        task_ids=scored,
-    )
+    if compile and device.type != "cuda":
+        raise EtrmError(f"--compile needs a CUDA device; this evaluation runs on {device.type}")
+    try:
+        result = evaluate(
+            model.to(device),
+            data,
+            split,
+            num_aug=num_aug,
+            batch_size=batch_size,
+            device=device,
+            max_demos=cfg.data.max_demos,
+            vote=vote,
+            step=step,
+            ks=ks,
+            task_ids=scored,
+            progress=ctx is None or ctx.is_main,
+            ctx=ctx,
+            compile=compile,
+        )
+    finally:
+        if ctx is not None:
+            shutdown(ctx)
+    if result is None:
+        return None, None, scope
+    result.predictions.meta["evaluated_by"] = BY_EVAL_COMMAND
     if out is None and tasks:
         return result, None, scope  # a few puzzles' scores must not replace the checkpoint's full evaluation
     # Train EM goes beside the checkpoint's test evaluation, which `etrm report` reads, not over it.

@@ -26,6 +26,7 @@ from etrm.io import atomic_write_bytes
 FORMAT = "etrm-predictions-1"
 NO_GRID = -1  # the augmentation ran but its output had no valid rectangle (or the target is unknown)
 NOT_EVALUATED = -2  # the puzzle has fewer augmentations than the widest one
+_FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest a zip member can carry
 
 _ARRAY_KEYS = (
     "task_ids",
@@ -158,8 +159,16 @@ class Predictions:
         )
 
     def save(self, path: str | os.PathLike) -> None:
+        """An npz file whose bytes depend on the predictions alone (np.savez stamps each member with
+        the clock), so evaluations of one checkpoint compare byte for byte."""
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, **self._arrays())
+        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for key, value in self._arrays().items():
+                member = io.BytesIO()
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+                info = zipfile.ZipInfo(f"{key}.npy", date_time=_FIXED_ZIP_TIME)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                archive.writestr(info, member.getvalue())
         atomic_write_bytes(path, buffer.getvalue())
 
     def _arrays(self) -> dict[str, np.ndarray]:
@@ -222,11 +231,13 @@ class PredictionsBuilder:
         self._grids = GridInterner()
         self._task_ids = list(task_ids)
         self._meta = dict(meta or {})
-        self._row: dict[tuple[int, int], int] = {}
+        self._max_queries = max((len(q) for q in targets), default=0)
+        # Row of (task, query) at task * max_queries + query; -1 where the puzzle has fewer queries.
+        self._row_of = np.full(len(targets) * self._max_queries, -1, dtype=np.int64)
         query_task, query_index, target_ids, row_augs = [], [], [], []
         for task, per_query in enumerate(targets):
             for query, target in enumerate(per_query):
-                self._row[task, query] = len(query_task)
+                self._row_of[task * self._max_queries + query] = len(query_task)
                 query_task.append(task)
                 query_index.append(query)
                 target_ids.append(NO_GRID if target is None else self._grids.add(target))
@@ -242,27 +253,77 @@ class PredictionsBuilder:
 
     def add(self, task: int, query: int, aug: int, grid: np.ndarray | None, q_halt: float) -> None:
         """Record what augmentation `aug` of a query predicted (already de-augmented; None = no grid)."""
-        row = self._row.get((task, query))
-        if row is None or not 0 <= aug < self._expected.shape[1] or not self._expected[row, aug]:
-            raise ValueError(f"unexpected prediction: task {task}, query {query}, aug {aug}")
-        if self._filled[row, aug]:
-            raise ValueError(f"repeated prediction: task {task}, query {query}, aug {aug}")
-        self._filled[row, aug] = True
-        self._grid_ids[row, aug] = NO_GRID if grid is None else self._grids.add(grid)
-        self._q_halt[row, aug] = q_halt
+        grid_id = NO_GRID if grid is None else self._grids.add(grid)
+        self._fill(
+            np.array([task]), np.array([query]), np.array([aug]), np.array([grid_id]), np.array([q_halt])
+        )
+
+    def add_shard(self, shard: Shard) -> None:
+        """Record a shard's predictions (one process's share of an evaluation), in any order."""
+        table = shard.grids
+        ids = np.array([self._grids.add(table.grid(i)) for i in range(len(table))] + [NO_GRID], np.int64)
+        self._fill(shard.task, shard.query, shard.aug, ids[shard.grid_ids], shard.q_halt)
+
+    def _fill(self, task, query, aug, grid_ids, q_halt) -> None:
+        task, query, aug = (np.asarray(x, dtype=np.int64) for x in (task, query, aug))
+        width = self._expected.shape[1]
+        key = task * self._max_queries + query
+        known = (task >= 0) & (task < len(self._task_ids)) & (query >= 0) & (query < self._max_queries)
+        row = np.where(known, self._row_of[np.where(known, key, 0)], -1)
+        ok = (row >= 0) & (aug >= 0) & (aug < width)
+        ok[ok] = self._expected[row[ok], aug[ok]]
+        if not ok.all():
+            i = int(np.argmin(ok))
+            raise ValueError(f"unexpected prediction: task {task[i]}, query {query[i]}, aug {aug[i]}")
+        cells = row * width + aug
+        unique, counts = np.unique(cells, return_counts=True)
+        repeated = unique[(counts > 1) | self._filled.reshape(-1)[unique]]
+        if len(repeated):
+            r, a = divmod(int(repeated[0]), width)
+            raise ValueError(
+                f"repeated prediction: task {self._query_task[r]}, query {self._query_index[r]}, aug {a}"
+            )
+        self._filled.reshape(-1)[cells] = True
+        self._grid_ids.reshape(-1)[cells] = grid_ids
+        self._q_halt.reshape(-1)[cells] = q_halt
 
     def build(self) -> Predictions:
+        """The predictions, grids numbered by first use (targets, then row by row), so the result does
+        not depend on the order predictions arrived in (how many processes ran, say)."""
         missing = np.argwhere(self._expected & ~self._filled)
         if len(missing):
             row, aug = missing[0]
             raise ValueError(f"{len(missing)} predictions missing, e.g. row {row}, aug {aug}")
+        table = self._grids.table()
+        used = np.concatenate([self._target_ids, self._grid_ids.reshape(-1)])
+        used = used[used >= 0]
+        _, first = np.unique(used, return_index=True)
+        order = used[np.sort(first)]  # old ids in order of first use
+        renumber = np.full(len(table) + 2, NOT_EVALUATED, dtype=np.int32)  # [-2, -1] map to themselves
+        renumber[order] = np.arange(len(order), dtype=np.int32)
+        renumber[NO_GRID] = NO_GRID
+        interner = GridInterner()
+        for old in order:
+            interner.add(table.grid(int(old)))
         return Predictions(
             task_ids=self._task_ids,
             query_task=self._query_task,
             query_index=self._query_index,
-            grid_ids=self._grid_ids,
+            grid_ids=renumber[self._grid_ids],
             q_halt=self._q_halt,
-            target_ids=self._target_ids,
-            grids=self._grids.table(),
+            target_ids=renumber[self._target_ids],
+            grids=interner.table(),
             meta=self._meta,
         )
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Some (query, augmentation) predictions with their own grid table: what one process sends."""
+
+    task: np.ndarray  # int64 [n]
+    query: np.ndarray  # int64 [n]
+    aug: np.ndarray  # int64 [n]
+    grid_ids: np.ndarray  # int64 [n]: into `grids`, NO_GRID for none
+    q_halt: np.ndarray  # float32 [n]
+    grids: GridTable

@@ -16,6 +16,8 @@ from etrm.eval.voting import KS, Ranking, Scores, score_predictions, vote
 from etrm.io import Output, atomic_dir, atomic_write_json
 
 TOP_CANDIDATES = 10  # candidates per query kept in results.json
+# results.json's `evaluated_by`: `etrm report` prefers a checkpoint's full `etrm eval` to training's own.
+BY_TRAINING, BY_EVAL_COMMAND = "training", "etrm eval"
 # An eval folder is recognised by its results.json (with metrics); the other files have fixed names.
 EVAL_OUTPUT = Output(
     "eval",
@@ -24,6 +26,11 @@ EVAL_OUTPUT = Output(
         ("predictions.npz", "submission.json", "submission.csv") if "metrics" in results else None
     ),
 )
+
+
+def protocol_name(num_aug: int) -> str:
+    """`vote@N` for a vote over N augmentations, `identity` for the identity augmentation alone."""
+    return f"vote@{num_aug}" if num_aug > 1 else "identity"
 
 
 class EvalResult:
@@ -51,12 +58,23 @@ class EvalResult:
         return cls(Predictions.load(path).select(num_aug=num_aug, task_ids=task_ids), ks=ks)
 
     @property
+    def protocol(self) -> str:
+        """How the figures were made: `vote@N` over N augmentations, or `identity` (one, no vote)."""
+        return protocol_name(self.predictions.num_aug)
+
+    @property
     def metrics(self) -> dict[str, float | int]:
         metrics = self.scores.metrics()
         if self.predictions.meta.get("split") == "train":
             # voted exact match on the training puzzles' held-out pairs, to read the train/test gap
             metrics["train_em"] = metrics["pass@1"]
         return metrics
+
+    def metrics_row(self) -> dict[str, Any]:
+        """The metrics as metrics.jsonl logs an evaluation: eval/... keys, with the protocol."""
+        row: dict[str, Any] = {f"eval/{k}": v for k, v in self.metrics.items() if k != "num_queries"}
+        row["eval/protocol"] = self.protocol
+        return row
 
     def _grid(self, grid_id: int) -> np.ndarray:
         return self.predictions.grids.grid(int(grid_id))
@@ -108,6 +126,8 @@ class EvalResult:
             "split": p.meta.get("split"),
             "fewshot": p.meta.get("fewshot"),
             "num_aug": p.num_aug,
+            "protocol": self.protocol,
+            "evaluated_by": p.meta.get("evaluated_by"),
             "step": p.meta.get("step"),
             "metrics": self.metrics,
             "puzzles": puzzles,

@@ -92,6 +92,12 @@ def build_report(
         for s in summaries
         if s.fewshot is False
     ]
+    report.warnings += [
+        f"{s.name}: its test-EM slope mixes evaluation protocols ({', '.join(s.slope_protocols)}); "
+        "evaluate those checkpoints alike with `etrm eval` for a fair trend"
+        for s in summaries
+        if len(s.slope_protocols) > 1
+    ]
     results = {}
     for run in runs:
         latest = run.latest_results()
@@ -252,6 +258,7 @@ RANKING_COLUMNS = (
     "ACT",
     "evals",
     "decoder",
+    "protocol",
 )
 
 
@@ -276,9 +283,18 @@ def ranking_rows(report: Report) -> list[dict[str, Any]]:
                 "ACT": s.act_range,
                 "evals": s.evaluations,
                 "decoder": s.decoder + (" (NOT few-shot)" if s.fewshot is False else ""),
+                "protocol": _protocols(s),
             }
         )
     return rows
+
+
+def _protocols(s) -> str:
+    """Which protocol made the test (and, when it differs, the train) figures, and the file they came from."""
+    if not s.protocol:
+        return "—"
+    train = f", train {s.train_protocol}" if s.train_protocol and s.train_protocol != s.protocol else ""
+    return f"{s.protocol}{train} ({s.source})"
 
 
 def recommendations(report: Report) -> list[str]:
@@ -347,12 +363,16 @@ def render_markdown(report: Report) -> str:
         + ".",
         "## Summary",
         verdict,
+        *(f"**Note:** {note}." for note in sel.notes),
         "## Ranking",
         _markdown_table(ranking_rows(report), RANKING_COLUMNS),
         "Test EM is the last evaluation's pass@1; gap = train EM − test EM; slope = test EM change per 1000 "
         "epochs over the last evaluations; grad ratio = encoder/total gradient norm before clipping, last window; "
         "decoder = where the decoder's weights started (etrm:<run> pretrained by etrm on recorded data, foreign = "
-        "a checkpoint of unknown training data, none = from scratch).",
+        "a checkpoint of unknown training data, none = from scratch); "
+        "protocol: how the figures were made (vote@N: voted over N augmentations, vote@all: over every stored "
+        "one, identity: the identity augmentation alone) and where they come from (a full `etrm eval` of the "
+        "checkpoint, eval/step-N/results.json, is preferred to the training's metrics.jsonl row).",
         "## Selection",
         "Rules applied in order:\n\n"
         + "\n".join(f"{i}. {line}" for i, line in enumerate(sel.reasoning, start=1)),

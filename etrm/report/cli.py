@@ -46,6 +46,8 @@ def report_command(
         console.print(f"no winner: {selection.rule_text}", markup=False)
     else:
         console.print(f"winner: {selection.winner} — decided by: {selection.rule_text}", markup=False)
+    for note in selection.notes:
+        console.print(f"note: {note}", markup=False)
     console.print(f"report: {out / REPORT_FILE}", markup=False)
 
 

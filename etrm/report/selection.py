@@ -47,6 +47,7 @@ class Selection:
     reasoning: list[str]  # one line per rule applied, in order
     ranking: list[str]  # winner first, then by how far each run got through the rules
     set_aside: dict[str, str] = field(default_factory=dict)  # run → the rule and the reason
+    notes: list[str] = field(default_factory=list)  # what the reader must know, e.g. mixed protocols
 
     @property
     def rule_text(self) -> str:
@@ -60,6 +61,7 @@ class Selection:
             "reasoning": self.reasoning,
             "ranking": self.ranking,
             "set_aside": self.set_aside,
+            "notes": self.notes,
         }
 
 
@@ -150,11 +152,18 @@ def select_winner(summaries: list[RunSummary]) -> Selection:
         ranking = sorted(summaries, key=lambda s: (-_finite(s.test_em), s.name))
         return Selection(None, "none_eligible", rules.reasoning, [s.name for s in ranking], rules.set_aside)
 
+    notes = []
+    if len({s.protocol for s in rules.pool}) > 1:
+        notes.append(
+            "test EM compared across evaluation protocols: "
+            + ", ".join(f"{s.name} {s.protocol or 'unknown'}" for s in rules.pool)
+            + "; evaluate the runs alike (`etrm eval RUN/step-N`) for a fair comparison"
+        )
     top = max(s.test_em for s in rules.pool)
     rules.keep(
         "test_em",
         [s for s in rules.pool if top - s.test_em <= TIE_MARGIN + _TOLERANCE],
-        lambda s: f"test EM {_pct(s.test_em)}",
+        lambda s: f"test EM {_pct(s.test_em)}" + (f" ({s.protocol})" if s.protocol else ""),
     )
 
     best_score = max(map(_preference_score, rules.pool))
@@ -176,4 +185,5 @@ def select_winner(summaries: list[RunSummary]) -> Selection:
         rules.reasoning,
         [winner.name, *(s.name for s in others)],
         rules.set_aside,
+        notes,
     )

@@ -34,6 +34,10 @@ class RunSummary:
     act_stuck_at: int | None
     decoder: str  # decoder_provenance: etrm:<run>, foreign or none ("unknown" for older runs)
     fewshot: bool | None  # False when a dataset trained on or a foreign decoder saw test puzzles
+    protocol: str = ""  # how the last test EM was made (vote@N, identity) and from which file
+    train_protocol: str = ""
+    source: str = ""
+    slope_protocols: tuple[str, ...] = ()  # of the evaluations the slope is fitted to (one, unless mixed)
 
     @property
     def evaluated(self) -> bool:
@@ -86,4 +90,8 @@ def summarize(run: Run, health: GradHealth | None = None, act: ActStats | None =
         act_stuck_at=act.stuck_at,
         decoder=str(run.info.get("decoder_provenance", "unknown")),
         fewshot=run.info.get("fewshot"),
+        protocol=str(evals[-1].get("eval/protocol", "")) if evals else "",
+        train_protocol=str(evals[-1].get("eval/train_protocol", "")) if evals else "",
+        source=str(evals[-1].get("eval/source", "")) if evals else "",
+        slope_protocols=tuple(sorted({str(r.get("eval/protocol", "")) for r in recent})),
     )

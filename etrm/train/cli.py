@@ -87,7 +87,7 @@ def train_command(
             f"over the processes (choose a divisor of it, or change the batch)"
         )
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from etrm.train.distributed import launch_torchrun
+        from etrm.distributed import launch_torchrun
         from etrm.train.loop import require_decoder_choice
 
         if resume is None:

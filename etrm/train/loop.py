@@ -27,11 +27,8 @@ from etrm import __version__
 from etrm.config import RunConfig, apply_overrides, config_to_dict
 from etrm.console import err_console, make_progress
 from etrm.data.dataset import first_groups
-from etrm.errors import EtrmError
-from etrm.io import atomic_write_json
-from etrm.runs import checkpoint as ckpt_io
-from etrm.runs.folder import RunLock, claim_run_folder
-from etrm.train.distributed import (
+from etrm.data.episodes import to_device
+from etrm.distributed import (
     DistContext,
     all_reduce_grads_,
     barrier,
@@ -41,6 +38,10 @@ from etrm.train.distributed import (
     init_distributed,
     shutdown,
 )
+from etrm.errors import EtrmError
+from etrm.io import atomic_write_json
+from etrm.runs import checkpoint as ckpt_io
+from etrm.runs.folder import RunLock, claim_run_folder
 from etrm.train.ema import EMA
 from etrm.train.metrics import MetricsLogger, check_wandb_login, sum_over_ranks
 from etrm.train.optim import build_optimizer
@@ -270,6 +271,7 @@ class Trainer:
             world_size=ctx.world_size,
             num_aug=cfg.data.num_aug_train,
             translate=cfg.data.translate,
+            compact=True,
         )
         self.steps_per_epoch = len(self.sampler)
         self.total_steps = t.epochs * self.steps_per_epoch
@@ -402,7 +404,8 @@ class Trainer:
                 self.cfg.train.keep_checkpoints,
                 dataset=dataset_record(self.dataset.manifest),
             )
-        barrier(self.ctx)
+        # Every rank knows the step saved, so none saves it again at the end while rank 0 has left.
+        self.last_checkpoint = broadcast_from_main(self.last_checkpoint, self.ctx)
 
     def _nonfinite_state(self) -> list[str]:
         """Names of the weights, EMA weights and optimizer-state tensors holding NaN or inf."""
@@ -521,7 +524,7 @@ class Trainer:
         except StopIteration:
             self.batches = iter(self.sampler)
             batch = next(self.batches)
-        return {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
+        return to_device(batch, self.ctx.device, non_blocking=True)
 
     def _train_step(self) -> None:
         t = self.cfg.train
@@ -687,35 +690,42 @@ class Trainer:
             )
 
     def _evaluate(self) -> None:
-        """Rank 0 evaluates (the EMA weights when kept) on the test split and train EM; others wait."""
-        if self.ctx.is_main:
-            from etrm.eval import evaluate
+        """Every rank evaluates its share (the EMA weights when kept) of the test split and of train EM,
+        both voted over the same augmentations; rank 0 gathers, writes and logs."""
+        from etrm.eval import evaluate
 
-            model = self.ema.averaged_copy(self.model) if self.ema is not None else self.model
-            data = _TrainGroupsView(self.dataset, self.cfg.data.max_train_groups)
-            common = dict(
-                batch_size=self.local_batch,
-                device=self.ctx.device,
-                max_demos=self.cfg.data.max_demos,
-                progress=False,
-                step=self.step,
-            )
-            # Evaluation must not move the training RNG streams, or a resumed run would diverge.
-            with torch.random.fork_rng(devices=[self.ctx.device] if self.ctx.device.type == "cuda" else []):
-                result = evaluate(model, data, "test", num_aug=self.cfg.train.eval_num_aug, **common)
-                train = data.split("train")
-                has_queries = all(train.num_queries(g) > 0 for g in range(len(train.puzzle_ids)))
-                train_em = evaluate(model, data, "train", vote=False, **common) if has_queries else None
-            out = self.run_dir / "eval" / f"step-{self.step}"
-            result.write(out)
-            row: dict[str, Any] = {"step": self.step, "epoch": self.step / self.steps_per_epoch}
-            row.update({f"eval/{k}": v for k, v in result.metrics.items() if k != "num_queries"})
-            if train_em is not None:  # a --split trm set has training groups that are all demos
-                row["eval/train_em"] = train_em.metrics["train_em"]
-            row["eval/results"] = str((out / "results.json").relative_to(self.run_dir))
-            self.logger.log(row)
-            self.model.train()
-        barrier(self.ctx)
+        model = self.ema.averaged_copy(self.model) if self.ema is not None else self.model
+        data = _TrainGroupsView(self.dataset, self.cfg.data.max_train_groups)
+        common = dict(
+            num_aug=self.cfg.train.eval_num_aug,
+            batch_size=self.local_batch,
+            device=self.ctx.device,
+            max_demos=self.cfg.data.max_demos,
+            progress=False,
+            step=self.step,
+            ctx=self.ctx,
+        )
+        # Evaluation must not move the training RNG streams, or a resumed run would diverge.
+        with torch.random.fork_rng(devices=[self.ctx.device] if self.ctx.device.type == "cuda" else []):
+            result = evaluate(model, data, "test", **common)
+            train = data.split("train")
+            has_queries = all(train.num_queries(g) > 0 for g in range(len(train.puzzle_ids)))
+            train_em = evaluate(model, data, "train", **common) if has_queries else None
+        self.model.train()
+        if result is None:  # not rank 0: its share went to rank 0
+            return
+        from etrm.eval.results import BY_TRAINING
+
+        out = self.run_dir / "eval" / f"step-{self.step}"
+        result.predictions.meta["evaluated_by"] = BY_TRAINING
+        result.write(out)
+        row: dict[str, Any] = {"step": self.step, "epoch": self.step / self.steps_per_epoch}
+        row.update(result.metrics_row())
+        if train_em is not None:  # a --split trm set has training groups that are all demos
+            row["eval/train_em"] = train_em.metrics["train_em"]
+            row["eval/train_protocol"] = train_em.protocol
+        row["eval/results"] = str((out / "results.json").relative_to(self.run_dir))
+        self.logger.log(row)
 
 
 class _TrainGroupsView:

@@ -1,4 +1,4 @@
-"""torch.distributed glue: NCCL on GPU, gloo on CPU, detected from torchrun's environment.
+"""torch.distributed glue for training and evaluation: NCCL on GPU, gloo on CPU, from torchrun's environment.
 
 Every rank holds the same weights and optimizer state (gradients are summed before the
 step), so rank 0 alone writes files; per-rank state (ACT carry, sampler, RNG) is gathered
@@ -7,7 +7,6 @@ to rank 0 for checkpoints and scattered back on resume.
 
 from __future__ import annotations
 
-import datetime
 import os
 import subprocess
 import sys
@@ -17,8 +16,6 @@ import torch
 import torch.distributed as dist
 
 from etrm.errors import EtrmError
-
-EVAL_WAIT = datetime.timedelta(hours=3)
 
 
 @dataclass(frozen=True)
@@ -42,8 +39,8 @@ def init_distributed() -> DistContext:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        # Rank 0 evaluates alone while the others wait at a barrier: allow a long evaluation.
-        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=EVAL_WAIT)
+        # The default timeout: every rank takes a share of each evaluation, so none waits long.
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
     return DistContext(dist.get_rank(), world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
 
 
