@@ -169,7 +169,7 @@ def test_wandb_offline_writes_inside_the_run_folder(tmp_path, monkeypatch):
 
 
 def test_step_statistics_are_summed_over_ranks_and_read_back_by_name(monkeypatch):
-    from etrm.train import distributed
+    from etrm import distributed
 
     monkeypatch.setattr(distributed.dist, "all_reduce", lambda flat: flat.mul_(2))  # two ranks, equal values
     ctx = distributed.DistContext(rank=0, world_size=2, device=torch.device("cpu"))

@@ -260,7 +260,7 @@ def test_pretrained_decoder_starts_from_the_trm_checkpoint(data, tmp_path):
 
 def test_a_trm_checkpoint_is_a_foreign_decoder(data, tmp_path, capsys):
     """Loaded exactly, with a warning that its training data is unknown; the run is not few-shot."""
-    from etrm.train.distributed import init_distributed, shutdown
+    from etrm.distributed import init_distributed, shutdown
     from etrm.train.loop import Trainer
 
     cfg = tiny_config("SF2", data, *TRM_FIXTURE_SIZES, f"train.init_from={TRM_CHECKPOINT}")

@@ -20,10 +20,10 @@ from urllib.parse import urlsplit
 import torch
 
 from etrm.config import RunConfig, config_to_dict
+from etrm.distributed import DistContext, all_reduce_sum_
 from etrm.errors import EtrmError
 from etrm.io import atomic_write_bytes
 from etrm.runs.folder import METRICS_FILE, read_metrics_file
-from etrm.train.distributed import DistContext, all_reduce_sum_
 
 
 def _json_value(v: Any) -> Any:
