@@ -66,15 +66,19 @@ def test_torchrun_two_ranks_match_one_process(data, tmp_path):
     moved = sum((a[k] - load_weights(one / "step-4" / "ema.safetensors")[k]).abs().sum() for k in a)
     assert moved > 0  # the weights did train (EMA lags behind them)
     rows_one, rows_two = read_metrics(one), read_metrics(tmp_path / "two")
-    assert [r["step"] for r in rows_two] == [1, 2, 3, 4, 4]  # rank 0 alone writes; the last is the evaluation
-    for r1, r2 in zip(rows_one[:4], rows_two[:4], strict=True):
+    # rank 0 alone writes: the evaluations before training (step 0) and at the end, the training rows between
+    assert [r["step"] for r in rows_two] == [0, 1, 2, 3, 4, 4]
+    train_one, train_two = ([r for r in rows if "train/lm_loss" in r] for rows in (rows_one, rows_two))
+    for r1, r2 in zip(train_one, train_two, strict=True):
         for k in ("train/lm_loss", "train/q_halt_loss", "grad/total_norm", "grad/encoder_norm"):
             assert r2[k] == pytest.approx(r1[k], rel=1e-4), k
-    eval_one, eval_two = rows_one[4], rows_two[4]
-    assert eval_two["eval/protocol"] == eval_two["eval/train_protocol"] == "vote@2"
-    assert eval_two.keys() == eval_one.keys()
-    for k, v in eval_one.items():
-        assert eval_two[k] == (pytest.approx(v, rel=1e-4) if isinstance(v, float) else v), k
+    evals_one, evals_two = ([r for r in rows if "eval/protocol" in r] for rows in (rows_one, rows_two))
+    assert [r["step"] for r in evals_two] == [0, 4]
+    for eval_one, eval_two in zip(evals_one, evals_two, strict=True):
+        assert eval_two["eval/protocol"] == eval_two["eval/train_protocol"] == "vote@2"
+        assert eval_two.keys() == eval_one.keys()
+        for k, v in eval_one.items():
+            assert eval_two[k] == (pytest.approx(v, rel=1e-4) if isinstance(v, float) else v), k
     # The same votes: the predictions of the two runs' (near-equal) weights agree grid for grid.
     p1, p2 = (
         Predictions.load(run / "eval" / "step-4" / "predictions.npz") for run in (one, tmp_path / "two")
@@ -252,7 +256,7 @@ def test_two_nodes_by_c10d_rendezvous_train_and_evaluate(data, tmp_path):
     outputs = _two_nodes("train", "--config", str(config_file), "--out", str(run))
     assert sum("trained SF1" in out for out in outputs) == 1  # global rank 0 alone reports and writes
     assert json.loads((run / "run_info.json").read_text())["world_size"] == 2
-    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 4]
+    assert [r["step"] for r in read_metrics(run)] == [0, 1, 2, 3, 4, 4]
     assert read_metrics(run)[-1]["eval/protocol"] == "vote@2"
     # Evaluating the checkpoint over the two nodes writes what one process writes.
     _two_nodes("eval", str(run), "--batch-size", "2", "--out", str(tmp_path / "two"))
