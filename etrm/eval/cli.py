@@ -56,10 +56,27 @@ def eval_command(
         None, "--k", help="pass@k values (repeatable) (default: 1 2 5 10 100 1000)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    adapt: str = typer.Option(
+        "none", "--adapt", help="Test-time adaptation on each puzzle's demos: none | latent | finetune."
+    ),
+    adapt_steps: int = typer.Option(20, "--adapt-steps", help="Adaptation steps per puzzle."),
+    adapt_lr: float | None = typer.Option(
+        None, "--adapt-lr", help="Adam learning rate (default: 1e-2 latent, 1e-4 finetune)."
+    ),
+    adapt_batch: int = typer.Option(8, "--adapt-batch", help="Leave-one-out demo episodes per step."),
+    adapt_params: str | None = typer.Option(
+        None, "--adapt-params", help="With --adapt finetune: encoder | decoder | all (default all)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the adaptation's episode draws."),
 ) -> None:
     """Vote over augmented predictions and score pass@k; write results.json, predictions.npz and submissions."""
+    from etrm.eval.adapt import AdaptOptions
     from etrm.eval.results import EVAL_OUTPUT
     from etrm.eval.voting import KS
+
+    adapt_options = AdaptOptions(adapt, adapt_steps, adapt_lr, adapt_batch, adapt_params, seed).validate()
+    if adapt_options.mode != "none" and from_predictions is not None:
+        raise EtrmError("--adapt needs a model run; it cannot go with --from-predictions")
 
     if num_aug < 0:
         raise EtrmError(f"--num-aug must be ≥ 0, got {num_aug}")
@@ -80,11 +97,27 @@ def eval_command(
         if run is None:
             raise EtrmError("missing RUN_OR_CHECKPOINT (or --from-predictions predictions.npz)")
         result, out, scope = _run_model(
-            run, data, split, vote, num_aug, batch_size, device, ema, out, ks, tasks, all_groups
+            run,
+            data,
+            split,
+            vote,
+            num_aug,
+            batch_size,
+            device,
+            ema,
+            out,
+            ks,
+            tasks,
+            all_groups,
+            adapt_options,
         )
     if out is not None:
         result.write(out)
     _show(result, out, as_json)
+    if adapt_options.mode != "none" and not as_json:
+        from etrm.eval.adapt import show_adaptation
+
+        show_adaptation(result)
     if scope and not as_json:
         from etrm.console import console
 
@@ -98,7 +131,19 @@ def _revote(path: Path, num_aug: int, tasks: list[str] | None, ks: tuple[int, ..
 
 
 def _run_model(
-    run, data, split, vote, num_aug, batch_size, device, ema, out, ks, tasks=None, all_groups=False
+    run,
+    data,
+    split,
+    vote,
+    num_aug,
+    batch_size,
+    device,
+    ema,
+    out,
+    ks,
+    tasks=None,
+    all_groups=False,
+    adapt=None,
 ):
     """(EvalResult, output folder, which training groups were scored) of a checkpoint on its (or the
     given) dataset."""
@@ -142,10 +187,28 @@ def _run_model(
         ks=ks,
         task_ids=scored,
     )
+    if adapt is not None and adapt.mode != "none":
+        from etrm.eval.adapt import evaluate_adapted
+
+        result = evaluate_adapted(
+            model,
+            data,
+            split,
+            adapt,
+            unadapted=result,
+            num_aug=num_aug if vote else 1,
+            batch_size=batch_size,
+            device=device,
+            max_demos=cfg.data.max_demos,
+            step=step,
+            ks=ks,
+        )
     if out is None and tasks:
         return result, None, scope  # a few puzzles' scores must not replace the checkpoint's full evaluation
     # Train EM goes beside the checkpoint's test evaluation, which `etrm report` reads, not over it.
+    # An adapted evaluation goes beside the unadapted one (its results.json holds both), not over it.
     name = checkpoint.name if split == "test" else f"{checkpoint.name}-{split}"
+    name += f"-adapt-{adapt.mode}" if adapt is not None and adapt.mode != "none" else ""
     return result, out if out is not None else checkpoint.parent / "eval" / name, scope
 
 
