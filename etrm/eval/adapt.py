@@ -169,15 +169,14 @@ def adapted(model, objective: DemoObjective, options: AdaptOptions):
     losses: list[float] = []
     trainable, restore = _prepare(model, objective, options)
     try:
-        if trainable:
-            optimizer = torch.optim.Adam(trainable, lr=options.lr)
-            for _ in range(options.steps):
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(objective.loss(model, objective.draw(), backward=True))
-                optimizer.step()
-            del optimizer
-            with torch.no_grad():
-                losses.append(objective.loss(model, objective.draw(), backward=False))
+        optimizer = torch.optim.Adam(trainable, lr=options.lr)
+        for _ in range(options.steps):
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(objective.loss(model, objective.draw(), backward=True))
+            optimizer.step()
+        del optimizer
+        with torch.no_grad():
+            losses.append(objective.loss(model, objective.draw(), backward=False))
         yield losses
     finally:
         restore()
