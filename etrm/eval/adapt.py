@@ -32,7 +32,7 @@ from torch import nn
 
 from etrm.data.encoding import IGNORE_LABEL_ID
 from etrm.errors import EtrmError
-from etrm.eval.predictions import NO_GRID, NOT_EVALUATED, GridInterner, Predictions
+from etrm.eval.predictions import NOT_EVALUATED, GridInterner, Predictions
 from etrm.eval.results import EvalResult
 from etrm.eval.voting import KS
 from etrm.models.encoders import EncoderOutput
@@ -280,6 +280,7 @@ def merge_predictions(parts: Sequence[Predictions], meta: dict[str, Any]) -> Pre
     width = max((p.num_aug for p in parts), default=0)
 
     def reintern(part: Predictions, ids: np.ndarray) -> np.ndarray:
+        """Ids into the merged table; the negative markers (no grid, not evaluated) kept as they are."""
         table = {int(i): interner.add(part.grids.grid(int(i))) for i in np.unique(ids) if i >= 0}
         return np.vectorize(lambda i: table.get(int(i), int(i)), otypes=[np.int32])(ids)
 
@@ -293,8 +294,7 @@ def merge_predictions(parts: Sequence[Predictions], meta: dict[str, Any]) -> Pre
             np.pad(reintern(part, part.grid_ids), ((0, 0), (0, pad)), constant_values=NOT_EVALUATED)
         )
         q_halt.append(np.pad(part.q_halt, ((0, 0), (0, pad)), constant_values=np.nan))
-        target_ids.append(reintern(part, part.target_ids) if len(part.target_ids) else part.target_ids)
-    assert NO_GRID < 0 and NOT_EVALUATED < 0  # negative ids are markers, kept as they are
+        target_ids.append(reintern(part, part.target_ids))
     return Predictions(
         task_ids=task_ids,
         query_task=np.concatenate(query_task).astype(np.int32),
