@@ -5,8 +5,11 @@ synthetic split (the recipe of `etrm quickstart`), then vote over augmentations 
 puzzles. pass@1 is reported per family and overall next to two floors: copying the input, and
 the baseline (a blank puzzle id: it cannot know an unseen puzzle). A second split holds whole
 families out of training; the best encoder of the first part is trained and scored on it.
+With `--adapt latent|finetune` every trained model is also scored after test-time adaptation to
+each test puzzle's demos (`etrm eval --adapt`): a column "MODEL +MODE" beside the unadapted one,
+with the adaptation's seconds per puzzle and the puzzles it solved (+) and lost (−).
 
-    python benchmarks/bench_fewshot.py [--minutes 15] [--encoders standard,...] [--threads N]
+    python benchmarks/bench_fewshot.py [--minutes 15] [--encoders standard,...] [--threads N] [--adapt latent]
 
 Prints a table and appends it to benchmarks/results/bench_fewshot.csv, one row per (part, family,
 model) with the command. The time limit is wall-clock; each part also gives the steps trained and
@@ -40,6 +43,7 @@ from etrm.quickstart import (
 NAME = "bench_fewshot"  # rows in benchmarks/results/bench_fewshot.csv
 BASELINE = "puzzle_embedding"
 HELD_OUT_FAMILIES = ("border", "scale")
+COST_ROW = "steps / CPU s"  # of training; an adapted column: adaptation s/puzzle, +solved −lost
 
 
 def copy_floor(data: Path) -> dict[str, float]:
@@ -54,18 +58,55 @@ def copy_floor(data: Path) -> dict[str, float]:
     return floor
 
 
-def train_one(data: Path, encoder: str, run_dir: Path, args) -> dict:
-    """Train and score one encoder; {family: pass@1, "all": pass@1, "steps", "cpu_s", "wall_s"}."""
+def train_one(data: Path, encoder: str, run_dir: Path, args) -> dict[str, dict]:
+    """Train and score one encoder: {name: {family: pass@1, "all": pass@1, "note": cost}}, the adapted
+    scores under "ENCODER +MODE" too with --adapt."""
     cfg = fewshot_config(
         data, encoder, args.minutes, seed=args.seed, grid_size=args.grid_size, extra=args.settings
     )
-    wall, cpu = time.perf_counter(), time.process_time()
+    cpu = time.process_time()
     results, _ = train_and_evaluate(cfg, run_dir, eval_num_aug=args.eval_num_aug, progress=True)
     scores = {name: score for name, (_, score) in family_scores(results).items()}
     scores["all"] = results["metrics"]["pass@1"]
-    scores.update(steps=results["step"], cpu_s=time.process_time() - cpu, wall_s=time.perf_counter() - wall)
-    console.print(f"{encoder}: pass@1 {scores['all']:.3f} after {scores['steps']} steps", markup=False)
+    scores["note"] = f"{results['step']} / {time.process_time() - cpu:.0f}"
+    console.print(f"{encoder}: pass@1 {scores['all']:.3f} after {results['step']} steps", markup=False)
+    scored = {encoder: scores}
+    if args.adapt != "none":
+        scored[f"{encoder} +{args.adapt}"] = adapt_one(data, run_dir, args)
+    return scored
+
+
+def adapt_one(data: Path, run_dir: Path, args) -> dict:
+    """pass@1 per family after test-time adaptation of the trained model, and what it cost and changed."""
+    from etrm.eval import evaluate
+    from etrm.eval.adapt import evaluate_adapted
+    from etrm.runs.checkpoint import load_for_inference
+
+    model, cfg, step = load_for_inference(run_dir)
+    options = adapt_options(args)
+    common = dict(num_aug=args.eval_num_aug, max_demos=cfg.data.max_demos, step=step)
+    unadapted = evaluate(model, data, "test", **common)
+    results = evaluate_adapted(model, data, "test", options, unadapted=unadapted, **common).results_json()
+    scores = {name: score for name, (_, score) in family_scores(results).items()}
+    scores["all"] = results["metrics"]["pass@1"]
+    block = results["adapt"]
+    scores["note"] = (
+        f"{block['mean_adapt_seconds']:.2f} s/puzzle, +{len(block['unsolved_to_solved'])} "
+        f"−{len(block['solved_to_unsolved'])}"
+    )
+    console.print(
+        f"{args.adapt}: pass@1 {block['unadapted_metrics']['pass@1']:.3f} → {scores['all']:.3f}, {scores['note']}",
+        markup=False,
+    )
     return scores
+
+
+def adapt_options(args):
+    from etrm.eval.adapt import AdaptOptions
+
+    return AdaptOptions(
+        args.adapt, args.adapt_steps, args.adapt_lr, args.adapt_batch, args.adapt_params, args.seed
+    ).validate()
 
 
 def table_rows(part: str, families: list[str], floor: dict, runs: dict[str, dict]) -> list[dict]:
@@ -75,8 +116,7 @@ def table_rows(part: str, families: list[str], floor: dict, runs: dict[str, dict
         row.update({name: f"{scores.get(family, 0.0):.3f}" for name, scores in runs.items()})
         rows.append(row)
     rows.append(
-        {"part": part, "family": "steps / CPU s", "copy input": "-"}
-        | {name: f"{s['steps']} / {s['cpu_s']:.0f}" for name, s in runs.items()}
+        {"part": part, "family": COST_ROW, "copy input": "-"} | {name: s["note"] for name, s in runs.items()}
     )
     return rows
 
@@ -111,8 +151,16 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="a config override for every run on top of the quickstart recipe (repeatable)",
     )
+    parser.add_argument(
+        "--adapt", default="none", help="also score after test-time adaptation: none | latent | finetune"
+    )
+    parser.add_argument("--adapt-steps", type=int, default=20, help="adaptation steps per puzzle")
+    parser.add_argument("--adapt-lr", type=float, default=None, help="adaptation lr (default: the mode's)")
+    parser.add_argument("--adapt-batch", type=int, default=8, help="leave-one-out episodes per step")
+    parser.add_argument("--adapt-params", default=None, help="finetune: encoder | decoder | all")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results/")
     args = parser.parse_args()
+    adapt_options(args)  # a bad option fails now, not after the training
     if args.threads:
         torch.set_num_threads(args.threads)
     encoders = [e for e in args.encoders.split(",") if e]
@@ -129,7 +177,11 @@ def main() -> None:
             num_aug=args.num_aug,
         )
         data = prepare_synthetic(root / "instances", families=families, **common)
-        runs = {e: train_one(data, e, root / "instances" / "runs" / e, args) for e in encoders}
+        runs = {
+            name: scores
+            for e in encoders
+            for name, scores in train_one(data, e, root / "instances" / "runs" / e, args).items()
+        }
         rows = table_rows("unseen instances", families, copy_floor(data), runs)
 
         if held_out:
@@ -142,10 +194,11 @@ def main() -> None:
                 test_families=held_out,
                 **common,
             )
-            held_runs = {best: train_one(held_data, best, root / "families" / "runs" / best, args)}
+            held_runs = train_one(held_data, best, root / "families" / "runs" / best, args)
             rows += table_rows(f"held-out families ({best})", held_out, copy_floor(held_data), held_runs)
 
-    columns = ["part", "family", "copy input", *encoders]
+    models = list(dict.fromkeys(name for row in rows for name in row if name not in ("part", "family")))
+    columns = ["part", "family", *models]
     title = f"pass@1 on unseen test puzzles, {args.minutes:g} min of training per encoder"
     console.print(render_table(rows, columns, title=title))
     if args.no_record:
@@ -157,13 +210,20 @@ def main() -> None:
         f"--num-aug {args.num_aug} --eval-num-aug {args.eval_num_aug} --threads {torch.get_num_threads()} "
         f"--seed {args.seed}{''.join(f' --set {kv}' for kv in args.settings)}"
     )
+    if args.adapt != "none":
+        command += (
+            f" --adapt {args.adapt} --adapt-steps {args.adapt_steps} --adapt-batch {args.adapt_batch}"
+            f"{f' --adapt-lr {args.adapt_lr:g}' if args.adapt_lr else ''}"
+            f"{f' --adapt-params {args.adapt_params}' if args.adapt_params else ''}"
+        )
     # One row per (part, family, model): pass@1 voted over eval_num_aug augmentations, or for the
-    # family "steps / CPU s" the optimizer steps trained / process CPU seconds of training + evaluation.
+    # family COST_ROW the optimizer steps trained / process CPU seconds of training + evaluation, or for
+    # an adapted model the adaptation seconds per puzzle and the puzzles it solved and lost.
     common = {"date": utc_stamp(), "machine": machine(), "command": command}
     records = [
         {**common, "part": row["part"], "family": row["family"], "model": model, "value": row[model]}
         for row in rows
-        for model in ["copy input", *encoders]
+        for model in models
         if row.get(model, "-") != "-"
     ]
     path = append_rows(NAME, ["date", "machine", "command", "part", "family", "model", "value"], records)

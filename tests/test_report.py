@@ -241,3 +241,45 @@ def test_a_full_eval_of_a_step_replaces_the_training_figures_and_names_its_proto
     assert b.slope_protocols == ("unknown", "vote@912") and a.slope_protocols == ("unknown",)
     assert any(w.startswith("B: its test-EM slope mixes evaluation protocols") for w in report.warnings)
     assert not any(w.startswith("A: its test-EM slope") for w in report.warnings)
+
+
+def test_report_shows_unadapted_and_adapted_results_when_a_run_has_an_adapted_evaluation(tmp_path):
+    from etrm.report.build import adaptation_row
+
+    plain = make_run(tmp_path / "runs", "SFa", test_em=[0.1, 0.2])
+    adapted = make_run(tmp_path / "runs", "SFb", test_em=[0.1, 0.2])
+    block = {
+        "mode": "latent",
+        "unadapted_metrics": {"pass@1": 0.25},
+        "solved_to_unsolved": ["p1"],
+        "unsolved_to_solved": ["p2", "p3"],
+        "skipped_single_demo": ["p4"],
+        "mean_adapt_seconds": 1.234,
+    }
+    for step, em in ((2, 0.5), (10, 0.75)):  # the newest step is the one shown
+        folder = adapted / "eval" / f"step-{step}-adapt-latent"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({"metrics": {"pass@1": em}, "adapt": block}))
+    report = build_report([plain, adapted], tmp_path / "out")
+    assert adaptation_row(report.runs[0]) is None
+    assert report.adaptation == [
+        {
+            "run": "SFb",
+            "eval": "step-10-adapt-latent",
+            "mode": "latent",
+            "unadapted@1": "25.0%",
+            "adapted@1": "75.0%",
+            "solved→unsolved": 1,
+            "unsolved→solved": 2,
+            "skipped": 1,
+            "s/puzzle": "1.23",
+        }
+    ]
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert (
+        "## Test-time adaptation" in text
+        and "| SFb | step-10-adapt-latent | latent | 25.0% | 75.0% |" in text
+    )
+    (adapted / "eval" / "step-10-adapt-latent" / "results.json").write_text("{}")
+    with pytest.raises(EtrmError, match="step-10-adapt-latent/results.json: not an adapted evaluation"):
+        build_report([plain, adapted], tmp_path / "out")

@@ -133,6 +133,12 @@ class EpisodeSampler:
                 )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
+    def episodes(self, group: np.ndarray, local_query: np.ndarray, aug: np.ndarray) -> dict:
+        """A batch of the given (group, pair within the group, augmentation) episodes, built as this
+        mode builds them (train: the other pairs are the demos); every row valid, no translation.
+        Test-time adaptation draws its leave-one-out episodes over a puzzle's demos with it."""
+        return self._assemble(group, local_query, aug, np.ones(len(group), bool), None)
+
     def _batch(self, epoch: int, index: int) -> dict:
         global_size = self.batch_size * self.world_size
         rows = np.arange(index * global_size, (index + 1) * global_size)[

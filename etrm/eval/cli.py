@@ -63,10 +63,27 @@ def eval_command(
     compile: bool = typer.Option(
         False, "--compile", help="torch.compile the ACT step (CUDA only; pays off on long evaluations)."
     ),
+    adapt: str = typer.Option(
+        "none", "--adapt", help="Test-time adaptation on each puzzle's demos: none | latent | finetune."
+    ),
+    adapt_steps: int = typer.Option(20, "--adapt-steps", help="Adaptation steps per puzzle."),
+    adapt_lr: float | None = typer.Option(
+        None, "--adapt-lr", help="Adam learning rate (default: 1e-2 latent, 1e-4 finetune)."
+    ),
+    adapt_batch: int = typer.Option(8, "--adapt-batch", help="Leave-one-out demo episodes per step."),
+    adapt_params: str | None = typer.Option(
+        None, "--adapt-params", help="With --adapt finetune: encoder | decoder | all (default all)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the adaptation's episode draws."),
 ) -> None:
     """Vote over augmented predictions and score pass@k; write results.json, predictions.npz and submissions."""
+    from etrm.eval.adapt import AdaptOptions
     from etrm.eval.results import EVAL_OUTPUT
     from etrm.eval.voting import KS
+
+    adapt_options = AdaptOptions(adapt, adapt_steps, adapt_lr, adapt_batch, adapt_params, seed).validate()
+    if adapt_options.mode != "none" and from_predictions is not None:
+        raise EtrmError("--adapt needs a model run; it cannot go with --from-predictions")
 
     if num_aug < 0:
         raise EtrmError(f"--num-aug must be ≥ 0, got {num_aug}")
@@ -111,13 +128,30 @@ def eval_command(
                     args += [flag, str(value)]
             raise typer.Exit(launch_torchrun(nproc, args))
         result, out, scope = _run_model(
-            run, data, split, vote, num_aug, batch_size, device, ema, out, ks, tasks, all_groups, compile
+            run,
+            data,
+            split,
+            vote,
+            num_aug,
+            batch_size,
+            device,
+            ema,
+            out,
+            ks,
+            tasks,
+            all_groups,
+            compile,
+            adapt_options,
         )
         if result is None:  # a rank other than 0: its share went to rank 0
             return
     if out is not None:
         result.write(out)
     _show(result, out, as_json)
+    if adapt_options.mode != "none" and not as_json:
+        from etrm.eval.adapt import show_adaptation
+
+        show_adaptation(result)
     if scope and not as_json:
         from etrm.console import console
 
@@ -144,6 +178,7 @@ def _run_model(
     tasks=None,
     all_groups=False,
     compile=False,
+    adapt=None,
 ):
     """(EvalResult, output folder, which training groups were scored) of a checkpoint on its (or the
     given) dataset."""
@@ -206,11 +241,29 @@ def _run_model(
             shutdown(ctx)
     if result is None:
         return None, None, scope
+    if adapt is not None and adapt.mode != "none":
+        from etrm.eval.adapt import evaluate_adapted
+
+        result = evaluate_adapted(
+            model,
+            data,
+            split,
+            adapt,
+            unadapted=result,
+            num_aug=num_aug if vote else 1,
+            batch_size=batch_size,
+            device=device,
+            max_demos=cfg.data.max_demos,
+            step=step,
+            ks=ks,
+        )
     result.predictions.meta["evaluated_by"] = BY_EVAL_COMMAND
     if out is None and tasks:
         return result, None, scope  # a few puzzles' scores must not replace the checkpoint's full evaluation
     # Train EM goes beside the checkpoint's test evaluation, which `etrm report` reads, not over it.
+    # An adapted evaluation goes beside the unadapted one (its results.json holds both), not over it.
     name = checkpoint.name if split == "test" else f"{checkpoint.name}-{split}"
+    name += f"-adapt-{adapt.mode}" if adapt is not None and adapt.mode != "none" else ""
     return result, out if out is not None else checkpoint.parent / "eval" / name, scope
 
 

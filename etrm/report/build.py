@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 from collections import Counter
@@ -43,6 +44,7 @@ class Report:
     failure_plots: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     failure_notes: list[str] = field(default_factory=list)
+    adaptation: list[dict[str, Any]] = field(default_factory=list)  # ADAPT_COLUMNS rows, one per run
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -51,6 +53,7 @@ class Report:
             "selection": self.selection.to_json(),
             "plots": {**self.plots, **self.failure_plots},
             "warnings": self.warnings,
+            "adaptation": self.adaptation,
         }
 
 
@@ -98,6 +101,7 @@ def build_report(
         for s in summaries
         if len(s.slope_protocols) > 1
     ]
+    report.adaptation = [row for run in runs if (row := adaptation_row(run)) is not None]
     results = {}
     for run in runs:
         latest = run.latest_results()
@@ -262,6 +266,47 @@ RANKING_COLUMNS = (
 )
 
 
+ADAPT_COLUMNS = (
+    "run",
+    "eval",
+    "mode",
+    "unadapted@1",
+    "adapted@1",
+    "solved→unsolved",
+    "unsolved→solved",
+    "skipped",
+    "s/puzzle",
+)
+
+
+def adaptation_row(run: Run) -> dict[str, Any] | None:
+    """The newest test-time-adapted evaluation of a run (`etrm eval --adapt`), unadapted beside adapted."""
+    found = []
+    for path in (run.path / "eval").glob("step-*-adapt-*/results.json"):
+        step = path.parent.name.removeprefix("step-").split("-")[0]
+        if step.isdigit():
+            found.append((int(step), path))
+    if not found:
+        return None
+    path = max(found)[1]
+    try:
+        results = json.loads(path.read_text())
+        block = results["adapt"]
+        return {
+            "run": run.name,
+            "eval": path.parent.name,
+            "mode": block["mode"],
+            "unadapted@1": _pct(block["unadapted_metrics"]["pass@1"]),
+            "adapted@1": _pct(results["metrics"]["pass@1"]),
+            "solved→unsolved": len(block["solved_to_unsolved"]),
+            "unsolved→solved": len(block["unsolved_to_solved"]),
+            "skipped": len(block["skipped_single_demo"]),
+            "s/puzzle": f"{block['mean_adapt_seconds']:.2f}",
+        }
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EtrmError(f"{path}: not an adapted evaluation's results ({type(e).__name__}: {e})") from None
+
+
 def ranking_rows(report: Report) -> list[dict[str, Any]]:
     by_name = {s.name: s for s in report.summaries}
     rows = []
@@ -388,6 +433,13 @@ def render_markdown(report: Report) -> str:
                 f"### {caption}\n\n![{caption}]({file_name})"
                 for caption, file_name in report.failure_plots.items()
             ),
+        ]
+    if report.adaptation:
+        parts += [
+            "## Test-time adaptation",
+            _markdown_table(report.adaptation, ADAPT_COLUMNS),
+            "pass@1 of the same checkpoint and augmentations without and with `etrm eval --adapt`; puzzles "
+            "solved counted at the evaluation's smallest k; single-demo puzzles are not adapted (skipped).",
         ]
     parts += ["## Recommendations for the final run", "\n".join(f"- {r}" for r in recommendations(report))]
     if report.warnings:

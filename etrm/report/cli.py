@@ -33,7 +33,7 @@ def report_command(
        with train/test gap < 15%;
     4. then fewer parameters, then lower exploration, then better gradient health.
     """
-    from etrm.report.build import RANKING_COLUMNS, REPORT_FILE, build_report, ranking_rows
+    from etrm.report.build import ADAPT_COLUMNS, RANKING_COLUMNS, REPORT_FILE, build_report, ranking_rows
 
     report = build_report(runs, out, title=title, data=data)
     show_warnings(report.warnings)
@@ -41,6 +41,10 @@ def report_command(
         print_json(report.to_json())
         return
     emit(ranking_rows(report), RANKING_COLUMNS, as_json=False, title=title)
+    if report.adaptation:
+        emit(
+            report.adaptation, ADAPT_COLUMNS, as_json=False, title="test-time adaptation (etrm eval --adapt)"
+        )
     selection = report.selection
     if selection.winner is None:
         console.print(f"no winner: {selection.rule_text}", markup=False)
