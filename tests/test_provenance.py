@@ -101,19 +101,23 @@ def test_a_decoder_of_another_size_is_refused_naming_a_key(data, tmp_path):
         train(cfg, tmp_path / "sf2", preset="SF2", progress=False)
 
 
-def test_sf2_without_a_decoder_choice_stops_and_writes_nothing(data, tmp_path):
-    out = tmp_path / "run"
+@pytest.mark.parametrize("out", [None, "runs/SF2"])
+def test_sf2_without_a_decoder_choice_stops_and_writes_nothing(data, tmp_path, out):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
     cli = subprocess.run(
         [sys.executable, "-m", "etrm", "train", "--preset", "SF2", "--size", "cpu-smoke"]
-        + ["--set", f"data.path={data}", "--out", str(out)],
+        + ["--set", f"data.path={data}"]
+        + (["--out", out] if out else []),  # the default is runs/<run name>
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=cwd,
     )
     assert cli.returncode == 2
     assert cli.stderr.count("\n") == 1 and "Traceback" not in cli.stderr
     assert "train.init_from" in cli.stderr and "train.init_from=none" in cli.stderr
-    assert not out.exists()
+    assert list(cwd.iterdir()) == []  # not even the runs/ folder
 
 
 def test_sf2_from_scratch_on_purpose_records_provenance_none(data, tmp_path):

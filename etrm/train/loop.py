@@ -100,7 +100,7 @@ def train(
     ctx = init_distributed()
     lock = None
     try:
-        lock = _claim(Path(out_dir), cfg, ctx, resume)
+        lock = _claim(Path(out_dir), cfg, ctx, resume, preset)
         trainer = Trainer(cfg, Path(out_dir), ctx, resume=resume, preset=preset)
         trainer.run(progress=progress and ctx.is_main)
     finally:
@@ -110,11 +110,14 @@ def train(
     return Path(out_dir)
 
 
-def _claim(run_dir: Path, cfg: RunConfig, ctx: DistContext, resume: bool) -> RunLock | None:
-    """Rank 0 checks what would fail later and locks the run folder; every rank stops on its refusal."""
+def _claim(run_dir: Path, cfg: RunConfig, ctx: DistContext, resume: bool, preset: str) -> RunLock | None:
+    """Rank 0 checks what would fail later and locks the run folder; every rank stops on its refusal.
+    Nothing is written before these checks pass."""
     lock, refusal = None, None
     if ctx.is_main:
         try:
+            if not resume:
+                require_decoder_choice(cfg, preset)
             check_wandb_login(cfg)
             lock = claim_run_folder(run_dir, resume=resume)
         except EtrmError as e:
@@ -221,8 +224,6 @@ class Trainer:
         cfg = apply_overrides(cfg, [])  # a private copy: the dataset fills in fields below
         self.cfg, self.run_dir, self.ctx = cfg, run_dir, ctx
         t = cfg.train
-        if not resume:
-            require_decoder_choice(cfg, preset)
         if t.global_batch_size % ctx.world_size:
             raise EtrmError(
                 f"train.global_batch_size={t.global_batch_size} is not divisible by the {ctx.world_size} processes"
