@@ -189,6 +189,7 @@ def test_cli_adapt_none_is_bit_identical_and_adapted_goes_beside_it(run_dir, cap
         (["--adapt", "latent", "--adapt-lr", "0"], "--adapt-lr must be > 0"),
         (["--adapt", "latent", "--adapt-batch", "0"], "--adapt-batch"),
         (["--adapt", "latent", "--from-predictions", "x.npz"], "cannot go with --from-predictions"),
+        (["run", "--adapt", "latent", "--nproc", "2"], "--adapt runs in one process"),
     ],
 )
 def test_bad_options_are_one_line_errors(capsys, args, message):

@@ -84,6 +84,10 @@ def eval_command(
     adapt_options = AdaptOptions(adapt, adapt_steps, adapt_lr, adapt_batch, adapt_params, seed).validate()
     if adapt_options.mode != "none" and from_predictions is not None:
         raise EtrmError("--adapt needs a model run; it cannot go with --from-predictions")
+    if adapt_options.mode != "none" and (nproc > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise EtrmError(
+            "--adapt runs in one process (adaptation is not shared out over ranks yet); drop --nproc"
+        )
 
     if num_aug < 0:
         raise EtrmError(f"--num-aug must be ≥ 0, got {num_aug}")
