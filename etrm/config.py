@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from etrm.data.encoding import CANVAS, VOCAB_SIZE
 from etrm.errors import EtrmError
 
 ENCODER_TYPES = ("standard", "hybrid_standard", "hybrid_variational", "lpn_var", "puzzle_embedding")
@@ -133,8 +134,6 @@ OPTIMIZERS = ("adam_atan2", "adamw")
 WANDB_MODES = ("online", "offline", "disabled")
 SIZES = ("full", "cpu-smoke")
 FORWARD_DTYPES = ("auto", "float32", "bfloat16")
-MIN_VOCAB_SIZE = 12  # PAD, EOS and the 10 colours (etrm/data/encoding.py)
-MAX_CANVAS_SIDE = 30
 FLOAT32_MAX = 3.4028234663852886e38  # values at or above it overflow to inf in float32
 MAX_SEED = 2**63 - 1
 
@@ -177,14 +176,14 @@ def _checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
         (_finite(a.rope_theta, above=True), "arch.rope_theta", "positive"),
         (_finite(a.rms_norm_eps, above=True), "arch.rms_norm_eps", "positive"),
         (
-            a.vocab_size >= MIN_VOCAB_SIZE,
+            a.vocab_size >= VOCAB_SIZE,
             "arch.vocab_size",
-            f"at least {MIN_VOCAB_SIZE} (PAD, EOS, 10 colours)",
+            f"at least {VOCAB_SIZE} (PAD, EOS, 10 colours)",
         ),
         (
-            side * side == a.seq_len and 1 <= side <= MAX_CANVAS_SIDE,
+            side * side == a.seq_len and 1 <= side <= CANVAS,
             "arch.seq_len",
-            f"a square side × side with side 1-{MAX_CANVAS_SIDE} (900 = full canvas)",
+            f"a square side × side with side 1-{CANVAS} (900 = full canvas)",
         ),
         (a.puzzle_emb_len >= 1, "arch.puzzle_emb_len", "at least 1"),
         (a.forward_dtype in FORWARD_DTYPES, "arch.forward_dtype", f"one of {', '.join(FORWARD_DTYPES)}"),

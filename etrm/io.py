@@ -31,6 +31,18 @@ def _umask() -> int:
     return mask
 
 
+def try_lock(path: Path) -> int | None:
+    """An exclusive, non-blocking OS lock (flock) on `path`, created if missing: the open descriptor
+    (closing it, or the process ending, drops the lock), or None while another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 @contextlib.contextmanager
 def output_lock(final: str | os.PathLike) -> Iterator[None]:
     """Hold the OS lock on writing `final` (a second writer is refused with one line), and remove the
@@ -42,14 +54,9 @@ def output_lock(final: str | os.PathLike) -> Iterator[None]:
     final.parent.mkdir(parents=True, exist_ok=True)
     lock_file = final.with_name(f".{final.name}.etrm-lock")
     while True:
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise EtrmError(
-                f"{final}: another etrm process is writing it right now; wait for it to finish"
-            ) from None
+        fd = try_lock(lock_file)
+        if fd is None:
+            raise EtrmError(f"{final}: another etrm process is writing it right now; wait for it to finish")
         with contextlib.suppress(FileNotFoundError):
             if os.stat(lock_file).st_ino == os.fstat(fd).st_ino:
                 break  # else the previous holder removed the file between our open and lock: retry

@@ -94,8 +94,10 @@ def test_encoder_reencode_false_caches_the_per_cell_vectors_until_reset(lookup_a
 
 
 def test_cell_lookup_needs_demos(lookup_arch):
-    with pytest.raises(EtrmError, match="cell_lookup"):
-        build_encoder(lookup_arch("puzzle_embedding", num_puzzle_identifiers=3))
+    from etrm.config import RunConfig
+
+    with pytest.raises(EtrmError, match="cell_lookup"):  # the config's one check, before any model is built
+        RunConfig(arch=lookup_arch("puzzle_embedding", num_puzzle_identifiers=3)).validate()
 
 
 def test_colour_match_weights_make_a_query_cell_read_the_cells_paired_with_its_colour():

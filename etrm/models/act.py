@@ -23,8 +23,6 @@ from etrm.errors import EtrmError
 from etrm.models.encoders import EncoderOutput, build_encoder
 from etrm.models.trm import TRMDecoder
 
-FORWARD_DTYPES = ("auto", "float32", "bfloat16")
-
 
 @dataclass
 class Carry:

@@ -165,10 +165,6 @@ def samples_latent(arch: ArchConfig) -> bool:
 def build_encoder(arch: ArchConfig) -> nn.Module:
     """The context module `arch.encoder_type` names: `forward(batch) -> EncoderOutput`."""
     if arch.encoder_type == "puzzle_embedding":
-        if arch.cell_lookup:
-            raise EtrmError(
-                "arch.cell_lookup needs a demo encoder; arch.encoder_type=puzzle_embedding has no demos"
-            )
         from etrm.models.puzzle_embedding import PuzzleEmbeddingContext
 
         return PuzzleEmbeddingContext(arch)

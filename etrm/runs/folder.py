@@ -8,7 +8,6 @@ as a run's, so that training never writes into a folder holding anything else.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from etrm.errors import EtrmError
+from etrm.io import try_lock
 
 LOCK_FILE = ".etrm-train.lock"
 METRICS_FILE = "metrics.jsonl"
@@ -39,16 +39,13 @@ class RunLock:
 
     def __init__(self, run_dir: Path, created: bool = False):
         self.run_dir, self.created = run_dir, created
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
+        fd = try_lock(run_dir / LOCK_FILE)
+        if fd is None:
+            owner = (run_dir / LOCK_FILE).read_text(errors="replace").strip() or "unknown"
             raise EtrmError(
                 f"{run_dir} is in use by another `etrm train` (pid {owner}); "
                 f"wait for it to finish or choose another --out"
-            ) from None
+            )
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd: int | None = fd

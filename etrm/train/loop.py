@@ -159,7 +159,7 @@ def check_same_dataset(recorded: dict[str, Any] | None, manifest: dict[str, Any]
     The data files' checksums decide (a dataset moved elsewhere is the same); the manifest's other
     entries say how it differs.
     """
-    current = dataset_record(manifest)
+    current = manifest_record(manifest)
     if recorded is None or recorded.get("files") == current.get("files"):  # None: recorded before etrm did
         return
     changes = []
@@ -188,7 +188,7 @@ def check_same_dataset(recorded: dict[str, Any] | None, manifest: dict[str, Any]
         )
 
 
-def dataset_record(manifest: dict[str, Any]) -> dict[str, Any]:
+def manifest_record(manifest: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint records of its dataset: the manifest, less the version of etrm that built it."""
     return {k: v for k, v in manifest.items() if k != "etrm_version"}
 
@@ -403,7 +403,7 @@ class Trainer:
                 self.cfg,
                 state,
                 self.cfg.train.keep_checkpoints,
-                dataset=dataset_record(self.dataset.manifest),
+                dataset=manifest_record(self.dataset.manifest),
             )
         # Every rank knows the step saved, so none saves it again at the end while rank 0 has left.
         self.last_checkpoint = broadcast_from_main(self.last_checkpoint, self.ctx)
