@@ -138,6 +138,11 @@ FLOAT32_MAX = 3.4028234663852886e38  # values at or above it overflow to inf in 
 MAX_SEED = 2**63 - 1
 
 
+# Learning rates above this overflow the optimizers' float32 state (AdamATan2 took 1e38 and died
+# inside its step); no recipe uses more than 1e-2.
+MAX_LR = 1.0
+
+
 def _finite(value: float, low: float = 0.0, above: bool = False) -> bool:
     """low <= value (low < value when `above`) and finite in float32 (NaN fails every comparison)."""
     return (value > low if above else value >= low) and value < FLOAT32_MAX
@@ -225,7 +230,7 @@ def _checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
         (_finite(t.max_minutes), "train.max_minutes", "0 (no limit) or a number of minutes"),
         (t.global_batch_size >= 1, "train.global_batch_size", "at least 1"),
         (t.optimizer in OPTIMIZERS, "train.optimizer", f"one of {', '.join(OPTIMIZERS)}"),
-        (_finite(t.lr, above=True), "train.lr", "positive and finite in float32 (below 3.4e38)"),
+        (_finite(t.lr, above=True) and t.lr <= MAX_LR, "train.lr", f"positive and at most {MAX_LR:g}"),
         (0.0 <= t.lr_min_ratio <= 1.0, "train.lr_min_ratio", "between 0 and 1"),
         (t.lr_warmup_steps >= 0, "train.lr_warmup_steps", "0 or a number of steps"),
         (_finite(t.weight_decay), "train.weight_decay", "0 or positive"),
@@ -233,7 +238,11 @@ def _checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
         (0.0 <= t.beta2 < 1.0, "train.beta2", "in [0, 1)"),
         (_finite(t.grad_clip), "train.grad_clip", "0 (off) or a positive norm"),
         (_finite(t.encoder_lr_scale), "train.encoder_lr_scale", "0 or positive"),
-        (_finite(t.puzzle_emb_lr), "train.puzzle_emb_lr", "0 or positive"),
+        (
+            _finite(t.puzzle_emb_lr) and t.puzzle_emb_lr <= MAX_LR,
+            "train.puzzle_emb_lr",
+            f"between 0 and {MAX_LR:g}",
+        ),
         (_finite(t.puzzle_emb_weight_decay), "train.puzzle_emb_weight_decay", "0 or positive"),
         (0.0 <= t.ema_rate < 1.0, "train.ema_rate", "in [0, 1)"),
         (
