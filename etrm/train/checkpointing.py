@@ -2,8 +2,9 @@
 
 `Checkpointer` writes `step-N/` (through `etrm.runs.checkpoint`, which keeps the newest
 `train.keep_checkpoints`): the weights and EMA, the optimizer, the loop's own state and, gathered from
-every rank, its ACT carry, sampler position and RNG streams. It refuses to save weights that are not
-finite and says which saved checkpoint is the last good one when a run diverges.
+every rank, its ACT carry, sampler position and RNG streams. It names the tensors that are not finite
+(the trainer stops rather than save them) and, when a run diverges, which saved checkpoint is the
+last good one.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ class Checkpointer:
     ):
         self.run_dir, self.cfg, self.ctx = run_dir, cfg, ctx
         self.model, self.optimizer, self.ema = model, optimizer, ema
-        self.dataset = manifest_record(dataset_manifest)
+        self.dataset_record = manifest_record(dataset_manifest)
         self.last: Path | None = None
 
     def holds(self, step: int) -> bool:
@@ -186,7 +187,7 @@ class Checkpointer:
                 self.cfg,
                 state,
                 self.cfg.train.keep_checkpoints,
-                dataset=self.dataset,
+                dataset=self.dataset_record,
             )
         # Every rank knows the step saved, so none saves it again at the end while rank 0 has left.
         self.last = broadcast_from_main(self.last, self.ctx)

@@ -99,6 +99,9 @@ def _claim(run_dir: Path, cfg: RunConfig, ctx: DistContext, resume: bool, preset
 
 
 class Trainer:
+    """One run's training: builds the model, optimizer and sampler, takes the steps, and hands
+    checkpoints, metrics rows and evaluations to its components."""
+
     def __init__(
         self, cfg: RunConfig, run_dir: Path, ctx: DistContext, *, resume: bool = False, preset: str = ""
     ):
