@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
-from etrm.config import RunConfig
+from etrm.config import PRESETS, RunConfig
 from etrm.console import err_console
 from etrm.data.dataset import first_groups
 from etrm.distributed import DistContext
@@ -30,8 +30,6 @@ FOREIGN_WARNING = (
 
 def require_decoder_choice(cfg: RunConfig, preset: str) -> None:
     """The design's overfit, semi-final and final runs start from a pretrained decoder: say which, or none."""
-    from etrm.config import PRESETS
-
     info = PRESETS.get(preset)
     if info is not None and info.phase in DECODER_PHASES and not cfg.train.init_from:
         raise EtrmError(
