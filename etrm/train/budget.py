@@ -16,8 +16,8 @@ from etrm.config import RunConfig
 
 def training_budget(cfg: RunConfig, dataset) -> dict[str, Any]:
     """Steps per epoch, total steps, samples and evaluation points of `cfg` on `dataset`."""
+    from etrm.data.dataset import first_groups
     from etrm.data.episodes import EpisodeSampler
-    from etrm.train.loop import first_groups
 
     t = cfg.train
     split = first_groups(dataset.split("train"), cfg.data.max_train_groups)

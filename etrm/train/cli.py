@@ -88,7 +88,7 @@ def train_command(
         )
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         from etrm.distributed import launch_torchrun
-        from etrm.train.loop import require_decoder_choice
+        from etrm.train.init_decoder import require_decoder_choice
 
         if resume is None:
             require_decoder_choice(cfg, preset or "")

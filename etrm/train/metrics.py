@@ -1,5 +1,6 @@
 """Metric logging: `metrics.jsonl` in the run folder is the source of truth; W&B mirrors it.
-Per-step statistics travel by name (`sum_over_ranks`), never by position.
+Per-step statistics travel by name (`sum_over_ranks`), never by position; `TrainMetrics` sums them
+over a window of steps and writes the window's averages as one row, and events as they happen.
 
 W&B is imported only when enabled and writes its files into the run folder (`RUN/wandb/`),
 offline by default so no account is needed; `online` is refused up front without an API key.
@@ -13,6 +14,7 @@ import netrc
 import numbers
 import os
 import uuid
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -105,6 +107,101 @@ def sum_over_ranks(values: dict[str, torch.Tensor], ctx: DistContext) -> dict[st
         out[name] = chunk[0] if v.dim() == 0 else chunk
         offset += v.numel()
     return out
+
+
+# The step statistics summed over a window: ACTLossHead's metric sums, each under its own name.
+SUM_KEYS = (
+    "count",
+    "accuracy",
+    "exact_accuracy",
+    "q_halt_accuracy",
+    "steps",
+    "lm_loss",
+    "q_halt_loss",
+    "q_continue_loss",
+    "kl_loss",
+)
+
+
+@dataclass
+class Window:
+    """Sums over the steps since the last metrics row (identical on every rank: they are all-reduced)."""
+
+    steps: int = 0
+    sums: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in SUM_KEYS})
+    steps_hist: list[int] = field(default_factory=list)
+    norms: dict[str, float] = field(default_factory=lambda: {"encoder": 0.0, "inner": 0.0, "total": 0.0})
+    context_rms: float = 0.0
+
+    def add(self, stats: dict[str, Any], norms: dict[str, float]) -> None:
+        """One step's statistics summed over ranks (`sum_over_ranks`) and its gradient norms."""
+        for k in SUM_KEYS:
+            self.sums[k] += stats[k]
+        self.context_rms += math.sqrt(stats["context_square_sum"] / max(stats["context_size"], 1.0))
+        self.steps_hist = [a + int(b) for a, b in zip(self.steps_hist, stats["halted_after"], strict=True)]
+        for k in self.norms:
+            self.norms[k] += norms[k]
+        self.steps += 1
+
+    def as_state(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class TrainMetrics:
+    """The training run's rows of metrics.jsonl: every `logging.log_interval` steps the window's averages,
+    and events as they happen. Every rank keeps the window; only rank 0 is given a `logger` and writes."""
+
+    def __init__(self, cfg: RunConfig, steps_per_epoch: int, device: torch.device):
+        self.cfg, self.steps_per_epoch, self.device = cfg, steps_per_epoch, device
+        self.logger: MetricsLogger | None = None
+        self.window = self.empty_window()
+        self.lr: float | None = None  # the learning rate of the last step
+
+    def empty_window(self) -> Window:
+        return Window(steps_hist=[0] * self.cfg.arch.halt_max_steps)
+
+    def add_step(self, stats: dict[str, Any], norms: dict[str, float], lr: float) -> None:
+        self.window.add(stats, norms)
+        self.lr = lr
+
+    def log(self, step: int, values: dict[str, Any]) -> dict[str, Any]:
+        """Write `values` as the row of optimizer step `step` (rank 0); returns the row."""
+        row = {"step": step, "epoch": step / self.steps_per_epoch, **values}
+        if self.logger is not None:
+            self.logger.log(row)
+        return row
+
+    def log_event(self, step: int, event: str, **values: Any) -> None:
+        self.log(step, {"event": event, **values})
+
+    def log_window(self, step: int, seconds: float, prefix_rms: float) -> dict[str, Any]:
+        """The averages over the window that ends at `step` (which took `seconds`), then a new window."""
+        w = self.window
+        count = max(w.sums["count"], 1.0)
+        per_sample = self.cfg.train.global_batch_size * w.steps
+        values: dict[str, Any] = {}
+        for k in ("lm_loss", "q_halt_loss", "q_continue_loss", "kl_loss"):
+            values[f"train/{k}"] = w.sums[k] / per_sample
+        for k in ("accuracy", "exact_accuracy", "q_halt_accuracy", "steps"):
+            values[f"train/{k}"] = w.sums[k] / count
+        values["train/steps_hist"] = list(w.steps_hist)
+        values["train/lr"] = self.lr
+        for k, v in w.norms.items():
+            values[f"grad/{k}_norm"] = v / w.steps
+        values["encoder/context_rms"] = w.context_rms / w.steps
+        values["encoder/prefix_rms"] = prefix_rms
+        values["perf/samples_per_s"] = per_sample / max(seconds, 1e-9)
+        values["perf/peak_mem_mb"] = _peak_memory_mb(self.device)
+        self.window = self.empty_window()
+        return self.log(step, values)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
 def _start_wandb(run_dir: Path, cfg: RunConfig):
