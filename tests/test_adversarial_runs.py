@@ -354,26 +354,49 @@ def test_eval_says_which_weights_it_used(finished, tmp_path, capsys):
 # ---------------------------------------------------------------- divergence
 
 
-def test_an_absurd_learning_rate_never_calls_its_checkpoint_good(data, tmp_path):
-    """lr 1e30: step 1's weights reach ~1e30 (finite, saved), step 2's loss is NaN from them."""
+def test_a_checkpoint_whose_next_step_diverges_is_never_called_good(data, tmp_path, monkeypatch):
+    """Step 1's weights are saved; step 2, computed from them, is NaN: step-1 is not a good checkpoint."""
     cfg = tiny_config(
         "SF5",
         data,
-        "train.lr=1e30",
-        "train.lr_warmup_steps=1",
         "train.global_batch_size=16",  # one step per epoch: a checkpoint every step
         "train.checkpoint_interval=1",
         "train.max_steps=4",
     )
+    patch_loss(monkeypatch, {2: float("nan")})
     run = tmp_path / "run"
     with pytest.raises(EtrmError) as stop:
         train(cfg, run, progress=False)
     assert str(stop.value) == (
         f"non-finite loss (nan) or gradient norm (nan) at step 2 (epoch 2.00) in {run}; stopped without saving; "
         f"no good checkpoint ({run / 'step-1'} holds the weights that gave this); start afresh in a new --out "
-        f"with a lower learning rate, e.g. --set train.lr=1e+29. Check the data too."
+        f"with a lower learning rate, e.g. --set train.lr={cfg.train.lr / 10:g}. Check the data too."
     )
     assert "last good" not in str(stop.value)
+
+
+def test_keeping_one_checkpoint_still_keeps_the_last_good_one(data, tmp_path, monkeypatch):
+    """keep_checkpoints=1, a checkpoint every step, step 3 diverges: step-2 gave the NaN, and step-1 (whose
+    next step was finite) is still there to resume from; a run that ends keeps just the newest one."""
+    cfg = tiny_config(
+        "SF5",
+        data,
+        "train.global_batch_size=16",
+        "train.checkpoint_interval=1",
+        "train.keep_checkpoints=1",
+        "train.epochs=4",
+        "train.max_steps=4",
+    )
+    patch_loss(monkeypatch, {3: float("nan")})
+    run = tmp_path / "run"
+    with pytest.raises(EtrmError) as stop:
+        train(cfg, run, progress=False)
+    assert f"the last good checkpoint is {run / 'step-1'}; delete {run / 'step-2'}" in str(stop.value)
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-1", "step-2"]
+    monkeypatch.undo()
+    shutil.rmtree(run / "step-2")
+    train(cfg, run, resume=True, progress=False)
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-4"]
 
 
 def test_a_non_finite_optimizer_state_is_never_saved(data, tmp_path, monkeypatch):

@@ -48,9 +48,10 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep: int,
     dataset: dict[str, Any] | None = None,
+    protect: Path | None = None,
 ) -> Path:
     """Write `run_dir/step-N/` atomically with its checksums (and `dataset`, the manifest trained on),
-    then drop all but the newest `keep` checkpoints."""
+    then drop all but the newest `keep` checkpoints, never `protect`."""
     from safetensors.torch import save_file
 
     final = run_dir / f"step-{step}"
@@ -63,9 +64,15 @@ def save_checkpoint(
         sha256 = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(tmp.iterdir())}
         meta = {"step": step, "sha256": sha256, "dataset": dataset}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    for old in complete_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(run_dir, keep, protect)
     return final
+
+
+def prune_checkpoints(run_dir: Path, keep: int, protect: Path | None = None) -> None:
+    """Delete all but the newest `keep` complete checkpoints, except `protect`."""
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        if protect is None or old.name != Path(protect).name:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:

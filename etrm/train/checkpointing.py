@@ -144,7 +144,11 @@ def find_start(run_dir: Path, ctx: DistContext, resume: bool) -> Path | None:
 
 
 class Checkpointer:
-    """Saves and restores a run's `step-N/` checkpoints; `last` is the newest one written or resumed."""
+    """Saves and restores a run's `step-N/` checkpoints; `last` is the newest one written or resumed.
+
+    `good` is the newest checkpoint known to be good: the step after it, computed from its weights,
+    was finite. Pruning down to `train.keep_checkpoints` never deletes it while the run goes on, so a
+    divergence right after a save still leaves one checkpoint to resume from."""
 
     def __init__(
         self,
@@ -160,6 +164,7 @@ class Checkpointer:
         self.model, self.optimizer, self.ema = model, optimizer, ema
         self.dataset_record = manifest_record(dataset_manifest)
         self.last: Path | None = None
+        self.good: Path | None = None
 
     def holds(self, step: int) -> bool:
         """Whether the newest checkpoint is of `step` (so the end of a run need not save it again)."""
@@ -188,9 +193,22 @@ class Checkpointer:
                 state,
                 self.cfg.train.keep_checkpoints,
                 dataset=self.dataset_record,
+                protect=self.good,
             )
         # Every rank knows the step saved, so none saves it again at the end while rank 0 has left.
         self.last = broadcast_from_main(self.last, self.ctx)
+
+    def confirm(self, step: int) -> None:
+        """The step from `step`'s weights was finite: a checkpoint of `step` is good, older ones may go."""
+        if self.holds(step):
+            self.good = self.last
+            if self.ctx.is_main:
+                ckpt_io.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints, protect=self.good)
+
+    def finish(self) -> None:
+        """The run ended: keep just the newest `train.keep_checkpoints`."""
+        if self.ctx.is_main:
+            ckpt_io.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
 
     def nonfinite_state(self) -> list[str]:
         """Names of the weights, EMA weights and optimizer-state tensors holding NaN or inf.

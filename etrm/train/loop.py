@@ -276,6 +276,7 @@ class Trainer:
                     bar.update(task, completed=self.step)
             if not self.checkpointer.holds(self.step):
                 self.save()
+            self.checkpointer.finish()
         except KeyboardInterrupt:
             self._say_interrupted()
             raise
@@ -322,6 +323,7 @@ class Trainer:
             self._stop_nonfinite(
                 f"non-finite loss ({loss_per_sample}) or gradient norm ({norms['total']}) at step {self.step + 1}"
             )
+        self.checkpointer.confirm(self.step)
         halved = self.spike_guard.observe(loss_per_sample)
         if halved is not None:
             self._log_event("lr_halved", **halved)
