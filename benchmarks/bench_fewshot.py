@@ -9,7 +9,12 @@ With `--adapt latent|finetune` every trained model is also scored after test-tim
 each test puzzle's demos (`etrm eval --adapt`): a column "MODEL +MODE" beside the unadapted one,
 with the adaptation's seconds per puzzle and the puzzles it solved (+) and lost (−).
 
-    python benchmarks/bench_fewshot.py [--minutes 15] [--encoders standard,...] [--threads N] [--adapt latent]
+    python benchmarks/bench_fewshot.py [--minutes 15 | --steps N] [--encoders standard,...] [--threads N]
+        [--parallel K] [--adapt latent]
+
+With `--parallel K`, K trainings run at once, each in its own process with --threads threads (on a
+K-core machine: K runs in the wall time of one); the held-out run starts once every demo encoder
+of the first part is scored, since it trains the best of them.
 
 Prints a table and appends it to benchmarks/results/bench_fewshot.csv, one row per (part, family,
 model) with the command. The time limit is wall-clock; each part also gives the steps trained and
@@ -19,8 +24,10 @@ the process's CPU time, since a shared machine gives the runs unequal shares of 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -62,10 +69,16 @@ def train_one(data: Path, encoder: str, run_dir: Path, args) -> dict[str, dict]:
     """Train and score one encoder: {name: {family: pass@1, "all": pass@1, "note": cost}}, the adapted
     scores under "ENCODER +MODE" too with --adapt."""
     cfg = fewshot_config(
-        data, encoder, args.minutes, seed=args.seed, grid_size=args.grid_size, extra=args.settings
+        data,
+        encoder,
+        args.minutes,
+        seed=args.seed,
+        grid_size=args.grid_size,
+        extra=args.settings,
+        steps=args.steps,
     )
     cpu = time.process_time()
-    results, _ = train_and_evaluate(cfg, run_dir, eval_num_aug=args.eval_num_aug, progress=True)
+    results, _ = train_and_evaluate(cfg, run_dir, eval_num_aug=args.eval_num_aug, progress=args.parallel == 1)
     scores = {name: score for name, (_, score) in family_scores(results).items()}
     scores["all"] = results["metrics"]["pass@1"]
     scores["note"] = f"{results['step']} / {time.process_time() - cpu:.0f}"
@@ -74,6 +87,42 @@ def train_one(data: Path, encoder: str, run_dir: Path, args) -> dict[str, dict]:
     if args.adapt != "none":
         scored[f"{encoder} +{args.adapt}"] = adapt_one(data, run_dir, args)
     return scored
+
+
+def _worker_init(threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+class Trainings:
+    """Runs `train_one` jobs: in this process with --parallel 1, else K worker processes at a time."""
+
+    def __init__(self, args):
+        self.args = args
+        self.pool = None
+        if args.parallel > 1:
+            context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
+            self.pool = ProcessPoolExecutor(
+                args.parallel, mp_context=context, initializer=_worker_init, initargs=(args.threads,)
+            )
+
+    def submit(self, data: Path, encoder: str, run_dir: Path):
+        """A handle whose .result() is train_one's."""
+        if self.pool is None:
+            return _Done(train_one(data, encoder, run_dir, self.args))
+        return self.pool.submit(train_one, data, encoder, run_dir, self.args)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
 
 
 def adapt_one(data: Path, run_dir: Path, args) -> dict:
@@ -138,7 +187,11 @@ def main() -> None:
     parser.add_argument("--grid-size", type=parse_grid_size, default=(3, 8), help="MIN..MAX grid side")
     parser.add_argument("--num-aug", type=int, default=64, help="augmentations stored per puzzle")
     parser.add_argument("--eval-num-aug", type=int, default=EVAL_NUM_AUG, help="augmentations voted at test")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument(
+        "--steps", type=int, default=0, help="train this many optimizer steps instead of --minutes"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = torch's default)")
+    parser.add_argument("--parallel", type=int, default=1, help="trainings run at once, one process each")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--out", type=Path, default=None, help="keep data and runs here (default: a temp folder)"
@@ -161,6 +214,8 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results/")
     args = parser.parse_args()
     adapt_options(args)  # a bad option fails now, not after the training
+    if args.parallel < 1:
+        parser.error(f"--parallel {args.parallel}: must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     encoders = [e for e in args.encoders.split(",") if e]
@@ -177,16 +232,8 @@ def main() -> None:
             num_aug=args.num_aug,
         )
         data = prepare_synthetic(root / "instances", families=families, **common)
-        runs = {
-            name: scores
-            for e in encoders
-            for name, scores in train_one(data, e, root / "instances" / "runs" / e, args).items()
-        }
-        rows = table_rows("unseen instances", families, copy_floor(data), runs)
-
+        held_data = None
         if held_out:
-            demo_encoders = [e for e in encoders if e != BASELINE] or encoders
-            best = max(demo_encoders, key=lambda e: runs[e]["all"])
             held_data = prepare_synthetic(
                 root / "families",
                 families=[*families, *held_out],
@@ -194,20 +241,43 @@ def main() -> None:
                 test_families=held_out,
                 **common,
             )
-            held_runs = train_one(held_data, best, root / "families" / "runs" / best, args)
-            rows += table_rows(f"held-out families ({best})", held_out, copy_floor(held_data), held_runs)
+        trainings = Trainings(args)
+        try:
+            demo_encoders = [e for e in encoders if e != BASELINE] or encoders
+            # Demo encoders first: the held-out run waits for them, not for the baseline.
+            order = [*demo_encoders, *(e for e in encoders if e not in demo_encoders)]
+            pending = {e: trainings.submit(data, e, root / "instances" / "runs" / e) for e in order}
+            runs = {}
+            for e in demo_encoders:
+                runs.update(pending[e].result())
+            held_pending = None
+            if held_data is not None:
+                best = max(demo_encoders, key=lambda e: runs[e]["all"])
+                held_pending = trainings.submit(held_data, best, root / "families" / "runs" / best)
+            for e in order[len(demo_encoders) :]:
+                runs.update(pending[e].result())
+            runs = {name: runs[name] for e in encoders for name in runs if name.split(" +")[0] == e}
+            rows = table_rows("unseen instances", families, copy_floor(data), runs)
+            if held_pending is not None:
+                held_runs = held_pending.result()
+                rows += table_rows(f"held-out families ({best})", held_out, copy_floor(held_data), held_runs)
+        finally:
+            trainings.close()
 
     models = list(dict.fromkeys(name for row in rows for name in row if name not in ("part", "family")))
     columns = ["part", "family", *models]
-    title = f"pass@1 on unseen test puzzles, {args.minutes:g} min of training per encoder"
+    budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
+    title = f"pass@1 on unseen test puzzles, {budget} of training per encoder"
     console.print(render_table(rows, columns, title=title))
     if args.no_record:
         return
     command = (
-        f"python benchmarks/bench_fewshot.py --minutes {args.minutes:g} --encoders {','.join(encoders)} "
+        f"python benchmarks/bench_fewshot.py {f'--steps {args.steps}' if args.steps else f'--minutes {args.minutes:g}'} "
+        f"--encoders {','.join(encoders)} "
         f"--families {','.join(families)} --held-out {','.join(held_out)} --train-puzzles {args.train_puzzles} "
         f"--test-puzzles {args.test_puzzles} --grid-size {args.grid_size[0]}..{args.grid_size[1]} "
         f"--num-aug {args.num_aug} --eval-num-aug {args.eval_num_aug} --threads {torch.get_num_threads()} "
+        f"--parallel {args.parallel} "
         f"--seed {args.seed}{''.join(f' --set {kv}' for kv in args.settings)}"
     )
     if args.adapt != "none":
