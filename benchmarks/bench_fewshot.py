@@ -154,7 +154,13 @@ def adapt_options(args):
     from etrm.eval.adapt import AdaptOptions
 
     return AdaptOptions(
-        args.adapt, args.adapt_steps, args.adapt_lr, args.adapt_batch, args.adapt_params, args.seed
+        args.adapt,
+        args.adapt_steps,
+        args.adapt_lr,
+        args.adapt_batch,
+        args.adapt_params,
+        args.seed,
+        args.adapt_rank,
     ).validate()
 
 
@@ -210,7 +216,8 @@ def main() -> None:
     parser.add_argument("--adapt-steps", type=int, default=20, help="adaptation steps per puzzle")
     parser.add_argument("--adapt-lr", type=float, default=None, help="adaptation lr (default: the mode's)")
     parser.add_argument("--adapt-batch", type=int, default=8, help="leave-one-out episodes per step")
-    parser.add_argument("--adapt-params", default=None, help="finetune: encoder | decoder | all")
+    parser.add_argument("--adapt-params", default=None, help="finetune: encoder | decoder | all | lora")
+    parser.add_argument("--adapt-rank", type=int, default=None, help="lora: the deltas' rank (default 4)")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results/")
     args = parser.parse_args()
     adapt_options(args)  # a bad option fails now, not after the training
@@ -285,6 +292,7 @@ def main() -> None:
             f" --adapt {args.adapt} --adapt-steps {args.adapt_steps} --adapt-batch {args.adapt_batch}"
             f"{f' --adapt-lr {args.adapt_lr:g}' if args.adapt_lr else ''}"
             f"{f' --adapt-params {args.adapt_params}' if args.adapt_params else ''}"
+            f"{f' --adapt-rank {args.adapt_rank}' if args.adapt_rank else ''}"
         )
     # One row per (part, family, model): pass@1 voted over eval_num_aug augmentations, or for the
     # family COST_ROW the optimizer steps trained / process CPU seconds of training + evaluation, or for

@@ -11,23 +11,28 @@ that its gradient comes from each step (as `arch.encoder_reencode=true` would).
 - latent: a learned offset per augmentation on the encoder's context slots, starting at zero (the
   encoder's own context; for puzzle_embedding, the blank id's embedding: a new puzzle embedding
   learned at test time). The model's weights are frozen; per-cell vectors (cell_lookup) stay as encoded.
-- finetune: the chosen parameters (encoder, decoder or all) trained on the demos, then restored.
+- finetune: the chosen parameters (encoder, decoder or all) trained on the demos, then restored; or,
+  with params "lora", a low-rank delta beside every linear layer (CastedLinear) of the encoder and
+  decoder, its up-projection starting at zero (so the model starts as it was), the weights untouched.
 
 A puzzle with a single demo has no leave-one-out episode: it is predicted unadapted and counted.
 All adaptation state is dropped after each puzzle, so memory is bounded by one puzzle's copy.
-Randomness (which episodes each step draws) comes from (seed, puzzle id) alone.
+Randomness (which episodes each step draws, the low-rank deltas' start) comes from (seed, puzzle id)
+alone, so a puzzle adapts the same whichever rank of a sharded evaluation takes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from etrm.data.encoding import IGNORE_LABEL_ID
@@ -36,11 +41,14 @@ from etrm.eval.predictions import NOT_EVALUATED, GridInterner, Predictions
 from etrm.eval.results import EvalResult
 from etrm.eval.voting import KS
 from etrm.models.encoders import EncoderOutput
+from etrm.models.layers import CastedLinear
 from etrm.models.losses import stablemax_cross_entropy
 
 ADAPT_MODES = ("none", "latent", "finetune")
-ADAPT_PARAMS = ("encoder", "decoder", "all")
-DEFAULT_LR = {"latent": 1e-2, "finetune": 1e-4}  # Adam; the latent offset lives on the context's scale
+ADAPT_PARAMS = ("encoder", "decoder", "all", "lora")
+# Adam; the latent offset lives on the context's scale, a low-rank delta starts from nothing
+DEFAULT_LR = {"latent": 1e-2, "finetune": 1e-4, "lora": 1e-3}
+DEFAULT_RANK = 4
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,7 @@ class AdaptOptions:
     batch: int = 8  # episodes per step
     params: str | None = None  # finetune only; None = all
     seed: int = 0
+    rank: int | None = None  # params "lora" only; None = DEFAULT_RANK
 
     def validate(self) -> AdaptOptions:
         """One line naming the bad option, or these options with the mode's defaults filled in."""
@@ -66,11 +75,19 @@ class AdaptOptions:
             raise EtrmError(f"--adapt-params goes with --adapt finetune, not --adapt {self.mode}")
         if self.params is not None and self.params not in ADAPT_PARAMS:
             raise EtrmError(f"--adapt-params must be one of {', '.join(ADAPT_PARAMS)}, got {self.params!r}")
+        if self.rank is not None and self.params != "lora":
+            raise EtrmError("--adapt-rank goes with --adapt finetune --adapt-params lora")
+        if self.rank is not None and self.rank < 1:
+            raise EtrmError(f"--adapt-rank must be ≥ 1, got {self.rank}")
         if self.mode == "none":
             return self
         params = (self.params or "all") if self.mode == "finetune" else None
-        return AdaptOptions(
-            self.mode, self.steps, self.lr or DEFAULT_LR[self.mode], self.batch, params, self.seed
+        lora = params == "lora"
+        return replace(
+            self,
+            lr=self.lr or DEFAULT_LR["lora" if lora else self.mode],
+            params=params,
+            rank=(self.rank or DEFAULT_RANK) if lora else None,
         )
 
 
@@ -116,7 +133,8 @@ class DemoObjective:
         self.sampler = EpisodeSampler(demos, batch, mode="train", max_demos=max_demos)
         self.batch = batch
         self.device = device
-        self.rng = np.random.default_rng(task_seed(seed, split.puzzle_ids[g]))
+        self.seed = task_seed(seed, split.puzzle_ids[g])
+        self.rng = np.random.default_rng(self.seed)
 
     def draw(self) -> dict:
         """`batch` distinct (demo as query, augmentation) episodes (all of them when there are fewer)."""
@@ -162,6 +180,38 @@ class ContextOffset(nn.Module):
         return replace(out, slots=out.slots + self.offsets[batch["aug_ids"]].to(out.slots.dtype))
 
 
+class LowRankDelta(nn.Module):
+    """x ↦ (x Aᵀ) Bᵀ beside a linear layer of weight [out, in]: a rank-r change to its output. A is
+    random (drawn from `generator`), B zero, so the layer starts exactly as it was."""
+
+    def __init__(self, linear: CastedLinear, rank: int, generator: torch.Generator):
+        super().__init__()
+        out_features, in_features = linear.weight.shape
+        down = torch.randn(rank, in_features, generator=generator) / math.sqrt(in_features)
+        self.down = nn.Parameter(down.to(linear.weight.device))
+        self.up = nn.Parameter(torch.zeros(out_features, rank, device=linear.weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
+
+
+def attach_low_rank(model: nn.Module, rank: int, seed) -> tuple[list[LowRankDelta], Callable[[], None]]:
+    """A LowRankDelta added to the output of every CastedLinear of `model` (by a forward hook; the
+    weights are not touched), and a function that detaches them all."""
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+    deltas, handles = [], []
+    for linear in [m for m in model.modules() if isinstance(m, CastedLinear)]:
+        delta = LowRankDelta(linear, rank, generator)
+        handles.append(linear.register_forward_hook(lambda _m, args, out, d=delta: out + d(args[0])))
+        deltas.append(delta)
+
+    def detach():
+        for handle in handles:
+            handle.remove()
+
+    return deltas, detach
+
+
 @contextlib.contextmanager
 def adapted(model, objective: DemoObjective, options: AdaptOptions):
     """The model adapted to one puzzle for the `with` body (the objective's values as its target); on
@@ -201,6 +251,14 @@ def _prepare(model, objective: DemoObjective, options: AdaptOptions):
             unfreeze()
 
         return [offset.offsets], restore
+    if options.params == "lora":
+        deltas, detach = attach_low_rank(model, options.rank, objective.seed)
+
+        def restore():
+            detach()
+            unfreeze()
+
+        return [p for d in deltas for p in d.parameters()], restore
     chosen = {"encoder": model.encoder, "decoder": model.decoder, "all": model}[options.params]
     params = list(chosen.parameters())
     if not params:
@@ -366,7 +424,7 @@ def evaluate_adapted(
     split: str,
     options: AdaptOptions,
     *,
-    unadapted: EvalResult,
+    unadapted: EvalResult | None,
     num_aug: int = 0,
     batch_size: int = 64,
     device=None,
@@ -374,20 +432,27 @@ def evaluate_adapted(
     progress: bool = True,
     step: int | None = None,
     ks: Sequence[int] = KS,
-) -> AdaptedResult:
-    """Adapt to and predict every puzzle `unadapted` scored (same checkpoint, split and augmentations)."""
+    ctx=None,
+) -> AdaptedResult | None:
+    """Adapt to and predict every puzzle `unadapted` scored (same checkpoint, split and augmentations).
+
+    With a `DistContext` of several processes every rank calls it (`unadapted` is rank 0's result,
+    None elsewhere): the puzzles are dealt out over the ranks, each adapted by one rank alone, and
+    rank 0 alone gets the result (the others None), the same whatever the number of processes."""
     from etrm.console import make_progress
     from etrm.data.dataset import ArcDataset
+    from etrm.distributed import DistContext, broadcast_from_main, gather_to_main
 
     if not isinstance(dataset, ArcDataset):
         dataset = ArcDataset.open(dataset)
     data = dataset.split(split)
+    ctx = ctx or DistContext(0, 1, device)
+    task_ids = broadcast_from_main(unadapted.predictions.task_ids if ctx.is_main else None, ctx)
+    mine = task_ids[ctx.rank :: ctx.world_size]
     outcomes: dict[str, PuzzleAdaptation] = {}
     with make_progress(transient=True) as bar:
-        task = bar.add_task(
-            f"adapt ({options.mode})", total=len(unadapted.predictions.task_ids), info="", visible=progress
-        )
-        for task_id in unadapted.predictions.task_ids:
+        task = bar.add_task(f"adapt ({options.mode})", total=len(mine), info="", visible=progress)
+        for task_id in mine:
             outcomes[task_id] = adapt_and_predict(
                 model,
                 dataset,
@@ -401,6 +466,11 @@ def evaluate_adapted(
                 step=step,
             )
             bar.advance(task)
+    shares = gather_to_main(outcomes, ctx)
+    if shares is None:
+        return None
+    every = {t: o for share in shares for t, o in share.items()}
+    outcomes = {t: every[t] for t in task_ids}
     meta = {**unadapted.predictions.meta, "adapt": options.mode}
     merged = merge_predictions([o.predictions for o in outcomes.values()], meta)
     return AdaptedResult(merged, unadapted, options, outcomes, ks=ks)

@@ -72,22 +72,28 @@ def eval_command(
     ),
     adapt_batch: int = typer.Option(8, "--adapt-batch", help="Leave-one-out demo episodes per step."),
     adapt_params: str | None = typer.Option(
-        None, "--adapt-params", help="With --adapt finetune: encoder | decoder | all (default all)."
+        None,
+        "--adapt-params",
+        help="With --adapt finetune: encoder | decoder | all (default all), or lora: low-rank deltas "
+        "beside every linear layer (default lr 1e-3).",
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the adaptation's episode draws."),
+    adapt_rank: int | None = typer.Option(
+        None, "--adapt-rank", help="With --adapt-params lora: the deltas' rank (default 4)."
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed of the adaptation's episode draws and low-rank deltas (per puzzle)."
+    ),
 ) -> None:
     """Vote over augmented predictions and score pass@k; write results.json, predictions.npz and submissions."""
     from etrm.eval.adapt import AdaptOptions
     from etrm.eval.results import EVAL_OUTPUT
     from etrm.eval.voting import KS
 
-    adapt_options = AdaptOptions(adapt, adapt_steps, adapt_lr, adapt_batch, adapt_params, seed).validate()
+    adapt_options = AdaptOptions(
+        adapt, adapt_steps, adapt_lr, adapt_batch, adapt_params, seed, adapt_rank
+    ).validate()
     if adapt_options.mode != "none" and from_predictions is not None:
         raise EtrmError("--adapt needs a model run; it cannot go with --from-predictions")
-    if adapt_options.mode != "none" and (nproc > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-        raise EtrmError(
-            "--adapt runs in one process (adaptation is not shared out over ranks yet); drop --nproc"
-        )
 
     if num_aug < 0:
         raise EtrmError(f"--num-aug must be ≥ 0, got {num_aug}")
@@ -125,7 +131,15 @@ def eval_command(
             args += ["--ema" if ema else "--no-ema"] + (["--all-groups"] if all_groups else [])
             args += ["--json"] if as_json else []
             args += ["--compile"] if compile else []
-            for flag, value in (("--data", data), ("--out", out)):
+            args += ["--adapt", adapt, "--adapt-steps", str(adapt_steps), "--adapt-batch", str(adapt_batch)]
+            args += ["--seed", str(seed)]
+            for flag, value in (
+                ("--data", data),
+                ("--out", out),
+                ("--adapt-lr", adapt_lr),
+                ("--adapt-params", adapt_params),
+                ("--adapt-rank", adapt_rank),
+            ):
                 args += [flag, str(value)] if value is not None else []
             for flag, values in (("--task", tasks or []), ("--k", list(ks) if ks != KS else [])):
                 for value in values:
@@ -223,6 +237,7 @@ def _run_model(
         )
     if compile and device.type != "cuda":
         raise EtrmError(f"--compile needs a CUDA device; this evaluation runs on {device.type}")
+    adapting = adapt is not None and adapt.mode != "none"
     try:
         result = evaluate(
             model.to(device),
@@ -240,34 +255,36 @@ def _run_model(
             ctx=ctx,
             compile=compile,
         )
+        if adapting:
+            from etrm.eval.adapt import evaluate_adapted
+
+            result = evaluate_adapted(
+                model,
+                data,
+                split,
+                adapt,
+                unadapted=result,
+                num_aug=num_aug if vote else 1,
+                batch_size=batch_size,
+                device=device,
+                max_demos=cfg.data.max_demos,
+                progress=ctx is None or ctx.is_main,
+                step=step,
+                ks=ks,
+                ctx=ctx,
+            )
     finally:
         if ctx is not None:
             shutdown(ctx)
     if result is None:
         return None, None, scope
-    if adapt is not None and adapt.mode != "none":
-        from etrm.eval.adapt import evaluate_adapted
-
-        result = evaluate_adapted(
-            model,
-            data,
-            split,
-            adapt,
-            unadapted=result,
-            num_aug=num_aug if vote else 1,
-            batch_size=batch_size,
-            device=device,
-            max_demos=cfg.data.max_demos,
-            step=step,
-            ks=ks,
-        )
     result.predictions.meta["evaluated_by"] = BY_EVAL_COMMAND
     if out is None and tasks:
         return result, None, scope  # a few puzzles' scores must not replace the checkpoint's full evaluation
     # Train EM goes beside the checkpoint's test evaluation, which `etrm report` reads, not over it.
     # An adapted evaluation goes beside the unadapted one (its results.json holds both), not over it.
     name = checkpoint.name if split == "test" else f"{checkpoint.name}-{split}"
-    name += f"-adapt-{adapt.mode}" if adapt is not None and adapt.mode != "none" else ""
+    name += f"-adapt-{adapt.mode}" if adapting else ""
     return result, out if out is not None else checkpoint.parent / "eval" / name, scope
 
 
