@@ -221,7 +221,7 @@ def test_cli_adapt_none_is_bit_identical_and_adapted_goes_beside_it(run_dir, cap
     main(["eval", *common, "--adapt", "finetune", "--adapt-steps", "2", "--adapt-params", "decoder"])
     text = capsys.readouterr().out
     assert "adapt finetune" in text and "skipped (single demo) 1" in text
-    results = json.loads((run_dir / "eval" / "step-5-adapt-finetune" / "results.json").read_text())
+    results = json.loads((run_dir / "eval" / "step-5-adapt-finetune-decoder" / "results.json").read_text())
     plain_results = json.loads((plain / "results.json").read_text())
     block = results["adapt"]
     assert block["unadapted_metrics"] == plain_results["metrics"]
@@ -229,6 +229,13 @@ def test_cli_adapt_none_is_bit_identical_and_adapted_goes_beside_it(run_dir, cap
     assert sorted(block["puzzles"]) == sorted(plain_results["puzzles"]) == ["b000", "b001", SINGLE]
     assert block["mean_adapt_seconds"] > 0 and block["skipped_single_demo"] == [SINGLE]
     assert not (run_dir / "eval" / "step-5").exists()  # --out took the plain ones elsewhere
+
+    # Another parameter set writes beside it, not over it.
+    main(["eval", *common, "--adapt", "finetune", "--adapt-steps", "1", "--adapt-params", "lora"])
+    capsys.readouterr()
+    lora = json.loads((run_dir / "eval" / "step-5-adapt-finetune-lora" / "results.json").read_text())
+    again = json.loads((run_dir / "eval" / "step-5-adapt-finetune-decoder" / "results.json").read_text())
+    assert (lora["adapt"]["params"], again["adapt"]["params"]) == ("lora", "decoder")
 
 
 @pytest.mark.parametrize(

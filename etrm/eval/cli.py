@@ -284,7 +284,8 @@ def _run_model(
     # Train EM goes beside the checkpoint's test evaluation, which `etrm report` reads, not over it.
     # An adapted evaluation goes beside the unadapted one (its results.json holds both), not over it.
     name = checkpoint.name if split == "test" else f"{checkpoint.name}-{split}"
-    name += f"-adapt-{adapt.mode}" if adapting else ""
+    # Each adapted parameter set has its own folder: LoRA's results must not replace a full finetune's.
+    name += f"-adapt-{adapt.mode}" + (f"-{adapt.params}" if adapt.params else "") if adapting else ""
     return result, out if out is not None else checkpoint.parent / "eval" / name, scope
 
 
