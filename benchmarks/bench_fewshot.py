@@ -37,7 +37,8 @@ from results import append_rows, machine, utc_stamp  # benchmarks/results.py
 from etrm.config import ENCODER_TYPES
 from etrm.console import console, render_table
 from etrm.data.dataset import ArcDataset
-from etrm.data.synth import family_of, parse_grid_size
+from etrm.data.synth import family_of, parse_grid_size, resolve_families
+from etrm.errors import EtrmError
 from etrm.quickstart import (
     EVAL_NUM_AUG,
     FEWSHOT_FAMILIES,
@@ -164,6 +165,28 @@ def adapt_options(args):
     ).validate()
 
 
+def check_options(args, encoders: list[str], families: list[str], held_out: list[str]) -> None:
+    """Raise EtrmError naming the first bad option."""
+    adapt_options(args)
+    unknown = [e for e in encoders if e not in ENCODER_TYPES]
+    if not encoders or unknown:
+        raise EtrmError(f"--encoders {args.encoders!r}: choose from {', '.join(ENCODER_TYPES)}")
+    resolve_families([*families, *held_out], *args.grid_size)
+    for option, value, least in (
+        ("--parallel", args.parallel, 1),
+        ("--train-puzzles", args.train_puzzles, 1),
+        ("--test-puzzles", args.test_puzzles, 1),
+        ("--num-aug", args.num_aug, 0),
+        ("--eval-num-aug", args.eval_num_aug, 1),
+        ("--steps", args.steps, 0),
+        ("--threads", args.threads, 0),
+    ):
+        if value < least:
+            raise EtrmError(f"{option} {value}: must be at least {least}")
+    if not args.steps and not args.minutes > 0:
+        raise EtrmError(f"--minutes {args.minutes}: must be positive (or give --steps)")
+
+
 def table_rows(part: str, families: list[str], floor: dict, runs: dict[str, dict]) -> list[dict]:
     rows = []
     for family in [*families, "all"]:
@@ -220,14 +243,15 @@ def main() -> None:
     parser.add_argument("--adapt-rank", type=int, default=None, help="lora: the deltas' rank (default 4)")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results/")
     args = parser.parse_args()
-    adapt_options(args)  # a bad option fails now, not after the training
-    if args.parallel < 1:
-        parser.error(f"--parallel {args.parallel}: must be at least 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     encoders = [e for e in args.encoders.split(",") if e]
     families = [f for f in args.families.split(",") if f]
     held_out = [f for f in args.held_out.split(",") if f]
+    try:  # every bad option fails now, in one line, not after the synthesis or a training
+        check_options(args, encoders, families, held_out)
+    except EtrmError as e:
+        parser.exit(2, f"error: {e}\n")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.out or Path(tmp)
