@@ -354,15 +354,22 @@ def test_eval_says_which_weights_it_used(finished, tmp_path, capsys):
 # ---------------------------------------------------------------- divergence
 
 
-def test_a_checkpoint_whose_next_step_diverges_is_never_called_good(data, tmp_path, monkeypatch):
-    """Step 1's weights are saved; step 2, computed from them, is NaN: step-1 is not a good checkpoint."""
-    cfg = tiny_config(
+def checkpoint_every_step(data, *extra):
+    """Four steps of one epoch each (a batch of 16 holds the whole tiny set), a checkpoint after every one."""
+    return tiny_config(
         "SF5",
         data,
-        "train.global_batch_size=16",  # one step per epoch: a checkpoint every step
+        "train.global_batch_size=16",
         "train.checkpoint_interval=1",
+        "train.epochs=4",
         "train.max_steps=4",
+        *extra,
     )
+
+
+def test_a_checkpoint_whose_next_step_diverges_is_never_called_good(data, tmp_path, monkeypatch):
+    """Step 1's weights are saved; step 2, computed from them, is NaN: step-1 is not a good checkpoint."""
+    cfg = checkpoint_every_step(data)
     patch_loss(monkeypatch, {2: float("nan")})
     run = tmp_path / "run"
     with pytest.raises(EtrmError) as stop:
@@ -378,15 +385,7 @@ def test_a_checkpoint_whose_next_step_diverges_is_never_called_good(data, tmp_pa
 def test_keeping_one_checkpoint_still_keeps_the_last_good_one(data, tmp_path, monkeypatch):
     """keep_checkpoints=1, a checkpoint every step, step 3 diverges: step-2 gave the NaN, and step-1 (whose
     next step was finite) is still there to resume from; a run that ends keeps just the newest one."""
-    cfg = tiny_config(
-        "SF5",
-        data,
-        "train.global_batch_size=16",
-        "train.checkpoint_interval=1",
-        "train.keep_checkpoints=1",
-        "train.epochs=4",
-        "train.max_steps=4",
-    )
+    cfg = checkpoint_every_step(data, "train.keep_checkpoints=1")
     patch_loss(monkeypatch, {3: float("nan")})
     run = tmp_path / "run"
     with pytest.raises(EtrmError) as stop:
