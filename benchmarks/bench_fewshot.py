@@ -178,13 +178,14 @@ def check_options(args, encoders: list[str], families: list[str], held_out: list
         ("--test-puzzles", args.test_puzzles, 1),
         ("--num-aug", args.num_aug, 0),
         ("--eval-num-aug", args.eval_num_aug, 1),
-        ("--steps", args.steps, 0),
         ("--threads", args.threads, 0),
     ):
         if value < least:
             raise EtrmError(f"{option} {value}: must be at least {least}")
-    if not args.steps and not args.minutes > 0:
-        raise EtrmError(f"--minutes {args.minutes}: must be positive (or give --steps)")
+    for encoder in encoders:  # the recipe's own checks: --minutes, --steps and every --set
+        fewshot_config(
+            Path("data"), encoder, args.minutes, args.seed, args.grid_size, args.settings, args.steps
+        )
 
 
 def table_rows(part: str, families: list[str], floor: dict, runs: dict[str, dict]) -> list[dict]:

@@ -146,6 +146,7 @@ def train_and_evaluate(
     training wall seconds)."""
     from etrm.eval import evaluate
     from etrm.runs.checkpoint import load_for_inference, load_trainer_state, resolve_checkpoint
+    from etrm.train.evaluation import write_evaluation
     from etrm.train.loop import train
     from etrm.train.metrics import MetricsLogger
 
@@ -163,13 +164,9 @@ def train_and_evaluate(
         progress=progress,
         step=step,
     )
-    eval_dir = result.write(run_dir / "eval" / f"step-{step}")
     epoch = float(load_trainer_state(resolve_checkpoint(run_dir))["epoch"])
     logger = MetricsLogger(run_dir, cfg)
-    row: dict[str, Any] = {"step": step, "epoch": epoch}
-    row.update(result.metrics_row())
-    row["eval/results"] = str((eval_dir / "results.json").relative_to(run_dir))
-    logger.log(row)
+    logger.log({"step": step, "epoch": epoch, **write_evaluation(result, run_dir, step)})
     logger.close()
     return result.results_json(), train_seconds
 

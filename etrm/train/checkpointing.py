@@ -1,7 +1,7 @@
 """Checkpointing a run so that a resume continues bit for bit, and the checks a resume must pass.
 
 `Checkpointer` writes `step-N/` (through `etrm.runs.checkpoint`, which keeps the newest
-`train.keep_checkpoints`): the weights and EMA, the optimizer, the loop's own state and, gathered from
+`train.keep_checkpoints`, and while training also the last good one): the weights and EMA, the optimizer, the loop's own state and, gathered from
 every rank, its ACT carry, sampler position and RNG streams. It names the tensors that are not finite
 (the trainer stops rather than save them) and, when a run diverges, which saved checkpoint is the
 last good one.

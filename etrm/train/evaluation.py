@@ -59,15 +59,22 @@ class TrainingEvaluator:
             return
         from etrm.eval.results import BY_TRAINING
 
-        out = self.run_dir / "eval" / f"step-{step}"
         result.predictions.meta["evaluated_by"] = BY_TRAINING
-        result.write(out)
-        values: dict[str, Any] = result.metrics_row()
+        values = write_evaluation(result, self.run_dir, step)
         if train_em is not None:  # a --split trm set has training groups that are all demos
             values["eval/train_em"] = train_em.metrics["train_em"]
             values["eval/train_protocol"] = train_em.protocol
-        values["eval/results"] = str((out / "results.json").relative_to(self.run_dir))
         self.metrics.log(step, values)
+
+
+def write_evaluation(result, run_dir: Path, step: int) -> dict[str, Any]:
+    """Write a test evaluation where `etrm report` reads it (`run_dir/eval/step-N/`); returns its
+    metrics.jsonl values, the results file's path among them."""
+    out = run_dir / "eval" / f"step-{step}"
+    result.write(out)
+    values: dict[str, Any] = result.metrics_row()
+    values["eval/results"] = str((out / "results.json").relative_to(run_dir))
+    return values
 
 
 class _TrainGroupsView:
